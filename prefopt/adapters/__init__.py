@@ -1,0 +1,1 @@
+"""One adapter per model family; each implements :class:`prefopt.policy.PreferencePolicy`."""

@@ -1,0 +1,60 @@
+"""``prefopt``: the Hydra command line. Hydra composes the config; :func:`prefopt.train.train` runs it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from prefopt.errors import PrefoptError
+
+log = logging.getLogger("prefopt")
+
+
+def config_dir() -> str:
+    """``conf/`` at the repository root (found from an editable install), or ``$PREFOPT_CONFIG_DIR``."""
+    override = os.environ.get("PREFOPT_CONFIG_DIR")
+    path = Path(override) if override else Path(__file__).resolve().parent.parent / "conf"
+    if not (path / "train.yaml").is_file():
+        raise SystemExit(f"prefopt: no configs at {path} (expected train.yaml); install with `pip install -e .` "
+                         "from a clone, or set PREFOPT_CONFIG_DIR to the conf/ folder")
+    return str(path)
+
+
+def _run(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from prefopt.train import atomic_write_text, train
+
+    try:
+        summary = train(cfg)
+    except PrefoptError as err:  # one clear line, no traceback soup
+        print(f"prefopt: error: {err}", file=sys.stderr)
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            # keep the sweep going; the report lists this run as failed
+            Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write_text(Path(cfg.paths.output_dir) / "error.txt", f"{type(err).__name__}: {err}\n")
+            return None
+        raise SystemExit(2) from None
+    log.info("summary: %s", {k: summary[k] for k in ("domain", "loss", "beta", "reference", "seed")})
+    log.info("eval: %s", summary["eval"])
+    metric = cfg.get("optimized_metric")
+    if metric:
+        value = summary
+        for part in str(metric).split("."):
+            value = value[part]
+        return float(value)
+    return None
+
+
+def main() -> None:
+    hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")(_run)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""A dataset of preference pairs held as tensors, yielding pair-batch rows (see :mod:`prefopt.policy`)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch.utils.data import Dataset
+
+from prefopt.data.teachers import OrderedPairs
+from prefopt.errors import PrefoptError
+
+
+class TensorPairs(Dataset):
+    """Pairs whose samples are dicts of tensors with the pair on dim 0.
+
+    Row ``i`` is ``{"chosen_<k>": chosen[k][i], "rejected_<k>": rejected[k][i], <shared k>: shared[k][i],
+    "tie": tie[i], "index": i}``. ``shared`` holds what both samples of a pair share (a context, a class
+    label, a per-example ``seed``).
+    """
+
+    def __init__(self, chosen: Mapping[str, torch.Tensor], rejected: Mapping[str, torch.Tensor],
+                 shared: Mapping[str, torch.Tensor] | None = None, tie: torch.Tensor | None = None):
+        if set(chosen) != set(rejected):
+            raise PrefoptError(f"chosen keys {sorted(chosen)} and rejected keys {sorted(rejected)} must match")
+        sizes = {k: v.shape[0] for k, v in [*chosen.items(), *(shared or {}).items()]}
+        if len(set(sizes.values())) > 1:
+            raise PrefoptError(f"pair tensors disagree on the number of pairs: {sizes}")
+        for key in chosen:
+            c, r = chosen[key], rejected[key]
+            if c.shape != r.shape or c.dtype != r.dtype:
+                raise PrefoptError(f"chosen_{key} {tuple(c.shape)} {c.dtype} and rejected_{key} {tuple(r.shape)} "
+                                   f"{r.dtype} must have the same shape and dtype")
+        self.chosen, self.rejected, self.shared = dict(chosen), dict(rejected), dict(shared or {})
+        self.size = next(iter(sizes.values())) if sizes else 0
+        self.tie = tie.bool() if tie is not None else torch.zeros(self.size, dtype=torch.bool)
+
+    @classmethod
+    def from_ordered(cls, pairs: OrderedPairs, shared: Mapping[str, torch.Tensor] | None = None) -> "TensorPairs":
+        """From a teacher's :func:`~prefopt.data.teachers.to_pairs`; ``shared`` is indexed by the kept rows."""
+        kept = {k: v[pairs.index] for k, v in (shared or {}).items()}
+        return cls(pairs.chosen, pairs.rejected, kept, pairs.tie)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = {f"chosen_{k}": v[i] for k, v in self.chosen.items()}
+        row.update({f"rejected_{k}": v[i] for k, v in self.rejected.items()})
+        row.update({k: v[i] for k, v in self.shared.items()})
+        row["tie"] = self.tie[i]
+        row["index"] = torch.tensor(i, dtype=torch.int64)
+        return row

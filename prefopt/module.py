@@ -1,0 +1,176 @@
+"""The one LightningModule: a policy, a frozen reference, a DPO-family loss. It never imports a domain."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Mapping
+
+import lightning as L
+import torch
+
+from prefopt.errors import PrefoptError, check_choice
+from prefopt.losses import REFERENCE_FREE, preference_loss
+from prefopt.policy import PreferencePolicy, split_pairs
+from prefopt.reference import ReferenceStrategy, make_reference
+
+TIE_MODES = ("drop", "half")
+NONFINITE_MODES = ("raise", "skip")
+
+
+class NonFiniteError(PrefoptError):
+    """A log-likelihood or the loss became NaN or infinite during training."""
+
+
+def _loss_types(loss_type) -> list[str]:
+    return [loss_type] if isinstance(loss_type, str) else list(loss_type)
+
+
+class PreferenceModule(L.LightningModule):
+    """Trains ``policy`` with a DPO-family loss against a reference.
+
+    Args:
+        policy: the adapter (a :class:`~prefopt.policy.PreferencePolicy`).
+        loss: keyword arguments of :func:`prefopt.losses.preference_loss` (``loss_type``, ``beta``,
+            ``label_smoothing`` and loss options), plus ``ties``: ``"drop"`` (tied pairs are left out of
+            the loss) or ``"half"`` (each tie counts as half a preference each way).
+        reference: a strategy name (``copy``, ``adapter``, ``precomputed``, ``none``, ``sync``), a mapping
+            with ``name`` and options, or a :class:`~prefopt.reference.ReferenceStrategy`.
+        optimizer: ``params -> torch.optim.Optimizer`` (a Hydra ``_partial_``); AdamW(lr=1e-4) by default.
+        scheduler: optional ``optimizer -> LRScheduler``, stepped every optimizer step.
+        seed: seeds the per-step draws of stochastic likelihoods (step ``k`` always sees the same draw,
+            so a resumed run reproduces an uninterrupted one).
+        nonfinite: ``"raise"`` stops on a NaN/inf log-likelihood or loss (after saving the last good
+            state as ``nonfinite-last-good.ckpt`` in the trainer's folder); ``"skip"`` skips that batch.
+    """
+
+    def __init__(self, policy: PreferencePolicy, loss: Mapping[str, Any] | None = None,
+                 reference: str | Mapping[str, Any] | ReferenceStrategy = "copy",
+                 optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 scheduler: Callable[..., Any] | None = None, seed: int = 0, nonfinite: str = "raise"):
+        super().__init__()
+        loss = dict(loss or {"loss_type": "sigmoid", "beta": 0.1})
+        self.ties = loss.pop("ties", "drop")
+        check_choice("loss.ties", self.ties, TIE_MODES)
+        check_choice("nonfinite", nonfinite, NONFINITE_MODES)
+        if "loss_type" not in loss or "beta" not in loss:
+            raise PrefoptError(f"loss needs 'loss_type' and 'beta'; got keys {sorted(loss)}")
+        self.loss_kwargs = loss
+        self.policy = policy
+        self.reference = make_reference(reference)
+        needs_ref = [t for t in _loss_types(loss["loss_type"]) if t not in REFERENCE_FREE]
+        if self.reference.name == "none" and needs_ref:
+            raise PrefoptError(
+                f"loss_type {needs_ref} needs a reference model but reference=none; use reference=copy, "
+                f"adapter, precomputed or sync, or a reference-free loss ({', '.join(sorted(REFERENCE_FREE))})")
+        self.reference.attach(policy)
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
+        self.scheduler_factory = scheduler
+        self.seed, self.nonfinite = int(seed), nonfinite
+
+    # ----------------------------------------------------------------------------------------- steps
+    def _generator(self, stage: str, index: int) -> torch.Generator:
+        offset = {"train": 0, "val": 1 << 40, "prepare": 2 << 40}[stage]
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + offset + index)
+
+    def pair_logps(self, batch: Mapping[str, Any], generator: torch.Generator | None = None):
+        """Policy and reference log-likelihoods and lengths of a pair batch, one forward each."""
+        samples = self.policy.concatenate(batch)
+        draw = self.policy.draw(samples, generator)
+        logps = self.policy.log_likelihood(self.policy.network, samples, draw)
+        ref = self.reference.logps(self.policy, samples, draw)
+        lengths = self.policy.lengths(samples)
+        return logps, ref, lengths
+
+    def _shared_step(self, batch, stage: str, index: int):
+        logps, ref, lengths = self.pair_logps(batch, self._generator(stage, index))
+        policy_chosen, policy_rejected = split_pairs(logps)
+        ref_chosen, ref_rejected = split_pairs(ref) if ref is not None else (None, None)
+        chosen_len, rejected_len = split_pairs(lengths) if lengths is not None else (None, None)
+        args = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+        kwargs = dict(self.loss_kwargs, chosen_lengths=chosen_len, rejected_lengths=rejected_len)
+        loss_type = kwargs.pop("loss_type")
+        out = preference_loss(loss_type, *args, **kwargs)
+        losses = out.losses
+        tie = batch.get("tie")
+        weights = torch.ones_like(losses)
+        if tie is not None and bool(tie.any()):
+            tie = tie.to(torch.bool)
+            if self.ties == "drop":
+                weights = (~tie).to(losses.dtype)
+            else:  # half: a tie is half a preference each way
+                swapped = preference_loss(loss_type, policy_rejected, policy_chosen,
+                                          ref_rejected, ref_chosen, **{**kwargs, "chosen_lengths": rejected_len,
+                                                                       "rejected_lengths": chosen_len}).losses
+                losses = torch.where(tie, 0.5 * (losses + swapped), losses)
+        loss = (losses * weights).sum() / weights.sum().clamp_min(1.0)
+        if not self._check_finite(stage, index, logps=logps, reference_logps=ref, loss=loss):
+            return None
+        self._log_metrics(stage, loss, out, policy_chosen, policy_rejected, weights, batch_size=losses.shape[0])
+        return loss
+
+    def _check_finite(self, stage, index, **terms) -> bool:
+        bad = [name for name, value in terms.items() if value is not None and not torch.isfinite(value).all()]
+        if not bad:
+            return True
+        where = f"{stage} batch {index} (epoch {self.current_epoch}, step {self.global_step})"
+        if self.nonfinite == "skip" and stage == "train":
+            self.print(f"prefopt: skipping {where}: non-finite {', '.join(bad)}")
+            return False
+        saved = ""
+        if stage == "train" and self._trainer is not None:
+            path = f"{self.trainer.default_root_dir}/nonfinite-last-good.ckpt"
+            self.trainer.save_checkpoint(path)
+            saved = f"; the last good state was saved to {path}"
+        raise NonFiniteError(f"non-finite {', '.join(bad)} in {where}{saved}. Lower the learning rate or beta, "
+                             "check the data for NaN/inf, or set nonfinite=skip to skip such batches")
+
+    def _log_metrics(self, stage, loss, out, policy_chosen, policy_rejected, weights, batch_size):
+        keep = weights > 0
+        chosen, rejected = out.chosen_rewards[keep], out.rejected_rewards[keep]
+        metrics = {
+            "loss": loss.detach(),
+            "rewards/chosen": chosen.mean(),
+            "rewards/rejected": rejected.mean(),
+            "rewards/margins": (chosen - rejected).mean(),
+            "rewards/accuracies": (chosen > rejected).float().mean(),
+            "logps/chosen": policy_chosen[keep].detach().mean(),
+            "logps/rejected": policy_rejected[keep].detach().mean(),
+        }
+        on_step = stage == "train"
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, on_step=on_step, on_epoch=not on_step,
+                      prog_bar=False, batch_size=batch_size, sync_dist=not on_step)
+        self.log(f"{stage}_loss", loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step,
+                 batch_size=batch_size, logger=False, sync_dist=not on_step)
+
+    def training_step(self, batch, batch_idx):
+        return self._shared_step(batch, "train", self.global_step)
+
+    def validation_step(self, batch, batch_idx):
+        return self._shared_step(batch, "val", batch_idx)
+
+    # ------------------------------------------------------------------------------------- hooks
+    def on_train_start(self):
+        if self.reference.name == "precomputed":
+            loader = self.trainer.train_dataloader
+            device_batches = (self._to_device(b) for b in loader)
+            self.reference.prepare(self.policy, device_batches)
+
+    def _to_device(self, batch):
+        from lightning.pytorch.utilities import move_data_to_device
+        return move_data_to_device(batch, self.device)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.reference.after_step(self.policy, self.global_step)
+
+    def on_train_end(self):
+        self.reference.finish(self.policy)
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if not params:
+            raise PrefoptError(f"{type(self.policy).__name__} has no trainable parameters")
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}

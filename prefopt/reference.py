@@ -1,0 +1,244 @@
+"""Where the reference log-likelihoods come from.
+
+Each strategy is an ``nn.Module`` so that whatever it holds (a frozen copy, a cache) is part of the
+Lightning module's state dict: a resumed run gets its reference back from the checkpoint instead of
+taking the trained policy as its reference.
+
+==============  =========================================================================
+``copy``        frozen deep copy of the policy network (eval mode, no grad, not optimized)
+``adapter``     peft LoRA on the policy; the reference is the same network, adapters disabled
+``precomputed`` reference log-likelihoods computed once before training, read from a cache
+``none``        no reference (reference-free losses only)
+``sync``        TR-DPO: a copy updated every ``sync_every`` steps, ref <- a * policy + (1 - a) * ref
+==============  =========================================================================
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from prefopt.errors import PrefoptError
+from prefopt.policy import PreferencePolicy, split_pairs
+
+REFERENCE_TYPES = ("copy", "adapter", "precomputed", "none", "sync")
+
+
+@contextmanager
+def eval_mode(module: nn.Module):
+    """Temporarily put ``module`` in eval mode (no dropout) and restore its mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+class ReferenceStrategy(nn.Module):
+    """Base class. ``logps`` returns reference log-likelihoods ``[2B]`` (or ``None``) for ``samples``."""
+
+    name = "base"
+    #: a stochastic policy must give every example a fixed seed for this strategy to be valid
+    needs_fixed_draw = False
+
+    def attach(self, policy: PreferencePolicy) -> None:
+        """Called once when the training module is built, before the optimizer sees the policy."""
+
+    def prepare(self, policy: PreferencePolicy, batches: Iterable[Mapping[str, Any]]) -> None:
+        """Called at the start of training with the training batches (already on the device)."""
+
+    def logps(self, policy: PreferencePolicy, samples: Mapping[str, Any], draw: Any) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def after_step(self, policy: PreferencePolicy, step: int) -> None:
+        """Called after every optimizer step with the number of steps done so far."""
+
+    def finish(self, policy: PreferencePolicy) -> None:
+        """Called when training ends (e.g. to merge LoRA weights into the policy)."""
+
+    def train(self, mode: bool = True):
+        # A reference never trains: keep dropout and batch-norm statistics frozen.
+        return super().train(False)
+
+
+class CopyReference(ReferenceStrategy):
+    """A frozen deep copy of the policy network."""
+
+    name = "copy"
+
+    def __init__(self):
+        super().__init__()
+        self.network: nn.Module | None = None
+
+    def attach(self, policy: PreferencePolicy) -> None:
+        self.network = copy.deepcopy(policy.network).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def logps(self, policy, samples, draw):
+        return policy.log_likelihood(self.network, samples, draw)
+
+
+class SyncReference(CopyReference):
+    """TR-DPO (Gorbatovski et al. 2024): every ``sync_every`` steps ref <- alpha * policy + (1 - alpha) * ref.
+
+    ``alpha = 1`` is a hard copy ("hard update"); smaller alphas are soft updates.
+    """
+
+    name = "sync"
+
+    def __init__(self, sync_every: int = 64, alpha: float = 0.6):
+        super().__init__()
+        if int(sync_every) < 1:
+            raise PrefoptError(f"reference.sync_every={sync_every!r} must be an integer >= 1")
+        if not 0.0 < float(alpha) <= 1.0:
+            raise PrefoptError(f"reference.alpha={alpha!r} must be in (0, 1]")
+        self.sync_every, self.alpha = int(sync_every), float(alpha)
+
+    @torch.no_grad()
+    def after_step(self, policy, step):
+        if step % self.sync_every:
+            return
+        for ref, new in zip(self.network.parameters(), policy.network.parameters()):
+            ref.lerp_(new.detach(), self.alpha)
+        for ref, new in zip(self.network.buffers(), policy.network.buffers()):
+            ref.copy_(new)
+
+
+class AdapterReference(ReferenceStrategy):
+    """peft LoRA on the policy network; the reference is the same network with its adapters disabled.
+
+    No second copy of the weights is kept. ``targets`` defaults to the policy's ``lora_targets``.
+    At the end of training the adapters stay in place (``merge_on_finish=False``) or are merged into the
+    base weights, which is what a next round of iterative DPO wants.
+    """
+
+    name = "adapter"
+
+    def __init__(self, rank: int = 8, alpha: float | None = None, targets: Iterable[str] | None = None,
+                 dropout: float = 0.0, merge_on_finish: bool = False):
+        super().__init__()
+        if int(rank) < 1:
+            raise PrefoptError(f"reference.rank={rank!r}: reference=adapter needs LoRA with rank >= 1")
+        self.rank, self.alpha = int(rank), float(alpha if alpha is not None else rank)
+        self.targets = list(targets) if targets else None
+        self.dropout, self.merge_on_finish = float(dropout), bool(merge_on_finish)
+
+    def attach(self, policy):
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if isinstance(policy.network, PeftModel):
+            return
+        targets = self.targets or list(policy.lora_targets)
+        if not targets:
+            raise PrefoptError(
+                f"reference=adapter needs LoRA target modules: {type(policy).__name__} names none in "
+                "lora_targets; set reference.targets to module names of the network")
+        config = LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=targets, lora_dropout=self.dropout)
+        try:
+            policy.network = get_peft_model(policy.network, config)
+        except ValueError as err:  # peft: "Target modules ... not found in the base model"
+            raise PrefoptError(f"reference.targets={targets}: {err}") from None
+
+    @torch.no_grad()
+    def logps(self, policy, samples, draw):
+        with policy.network.disable_adapter(), eval_mode(policy.network):
+            return policy.log_likelihood(policy.network, samples, draw)
+
+    def finish(self, policy):
+        if self.merge_on_finish:
+            policy.network = policy.network.merge_and_unload()
+
+
+class PrecomputedReference(ReferenceStrategy):
+    """Reference log-likelihoods computed once, with the untrained policy, over the training set.
+
+    The batches must carry an integer ``index`` per example (the cache row). For a stochastic
+    likelihood (diffusion) they must also carry a per-example ``seed``, so the draw an example sees in
+    training is the draw its cached value was computed with. The cache is part of the state dict, so
+    a resumed run reads it back instead of recomputing it with the trained policy.
+    """
+
+    name = "precomputed"
+    needs_fixed_draw = True
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cache", torch.empty(0, 2))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "cache")
+        if saved is not None:
+            self.cache = torch.empty_like(saved, device=self.cache.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @staticmethod
+    def _check(policy, batch):
+        if "index" not in batch:
+            raise PrefoptError("reference=precomputed needs an integer 'index' per example in the batches; "
+                               f"found keys {sorted(batch)}")
+        if policy.stochastic and "seed" not in batch:
+            raise PrefoptError(
+                f"reference=precomputed with the stochastic {type(policy).__name__} needs a fixed draw per "
+                "example: the batches must carry a per-example 'seed' (use reference=copy or adapter otherwise)")
+
+    @torch.no_grad()
+    def prepare(self, policy, batches):
+        if self.cache.numel():
+            return  # restored from a checkpoint
+        rows: dict[int, torch.Tensor] = {}
+        with eval_mode(policy.network):
+            for batch in batches:
+                self._check(policy, batch)
+                samples = policy.concatenate(batch)
+                logps = policy.log_likelihood(policy.network, samples, policy.draw(samples))
+                for i, c, r in zip(batch["index"].tolist(), *split_pairs(logps.float())):
+                    rows[i] = torch.stack([c, r])
+        if not rows:
+            raise PrefoptError("reference=precomputed found no training batches to precompute")
+        cache = torch.full((max(rows) + 1, 2), float("nan"), device=next(iter(rows.values())).device)
+        cache[list(rows)] = torch.stack(list(rows.values()))
+        self.cache = cache
+
+    def logps(self, policy, samples, draw):
+        if not self.cache.numel():
+            raise PrefoptError("reference=precomputed was asked for values before its cache was built")
+        index = samples["index"]
+        index = index[: index.shape[0] // 2]
+        if int(index.max()) >= self.cache.shape[0] or torch.isnan(self.cache[index]).any():
+            raise PrefoptError("reference=precomputed has no cached value for some batch indices "
+                               f"{index.tolist()}: the cache covers the training set only")
+        values = self.cache[index]
+        return torch.cat([values[:, 0], values[:, 1]])
+
+
+class NoReference(ReferenceStrategy):
+    """No reference model: only reference-free losses (simpo, cpl, sft) may be used."""
+
+    name = "none"
+
+    def logps(self, policy, samples, draw):
+        return None
+
+
+_STRATEGIES = {cls.name: cls for cls in (CopyReference, AdapterReference, PrecomputedReference, NoReference,
+                                         SyncReference)}
+
+
+def make_reference(strategy: str | ReferenceStrategy | Mapping[str, Any], **options) -> ReferenceStrategy:
+    """Build a strategy from its name (``"copy"``), a mapping with a ``name`` key, or pass one through."""
+    if isinstance(strategy, ReferenceStrategy):
+        return strategy
+    if isinstance(strategy, Mapping):
+        options = {**strategy, **options}
+        strategy = options.pop("name", None)
+    if strategy not in _STRATEGIES:
+        raise PrefoptError(f"reference={strategy!r} is not supported; allowed: {', '.join(REFERENCE_TYPES)}")
+    try:
+        return _STRATEGIES[strategy](**options)
+    except TypeError as err:
+        raise PrefoptError(f"reference={strategy}: bad options {sorted(options)} ({err})") from None

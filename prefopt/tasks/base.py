@@ -1,0 +1,68 @@
+"""What a domain provides to the training loop in :mod:`prefopt.train`."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from prefopt.policy import PreferencePolicy
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle whose order depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed from a checkpoint sees
+    the same order in its remaining epochs as an uninterrupted run.
+    """
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class Task(ABC):
+    """A domain. The loop is: ``build_policy`` once, then per round ``pairs`` -> train -> ``evaluate``.
+
+    ``rounds > 1`` is iterative (online) DPO: each round collects fresh pairs with the current policy,
+    and that round's reference is the policy as the round starts. ``evaluate`` always compares against
+    the policy as it was before any training (``reference``).
+    """
+
+    name = "task"
+    rounds: int = 1
+    batch_size: int = 16
+    seed: int = 0
+
+    @abstractmethod
+    def build_policy(self) -> PreferencePolicy:
+        """The base policy (pretrained, loaded, or fresh) that training starts from."""
+
+    @abstractmethod
+    def pairs(self, policy: PreferencePolicy, round_index: int) -> Dataset:
+        """The preference pairs of a round, as a dataset of pair-batch rows (see :mod:`prefopt.policy`)."""
+
+    def val_pairs(self) -> Dataset | None:
+        """Held-out pairs scored by the validation loop, or ``None``."""
+        return None
+
+    @abstractmethod
+    def evaluate(self, reference: PreferencePolicy, policy: PreferencePolicy, output_dir: Path,
+                 round_index: int) -> dict[str, Any]:
+        """Held-out scores of the reference and the policy; must include ``win_rate``."""
+
+    def dataloader(self, dataset: Dataset, train: bool = True) -> DataLoader:
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if train else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=False)
