@@ -26,7 +26,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def _container(node) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def _resolve_ckpt(ckpt_path, checkpoint_dir: Path) -> str | None:
