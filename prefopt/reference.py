@@ -61,10 +61,6 @@ class ReferenceStrategy(nn.Module):
     def finish(self, policy: PreferencePolicy) -> None:
         """Called when training ends (e.g. to merge LoRA weights into the policy)."""
 
-    def train(self, mode: bool = True):
-        # A reference never trains: keep dropout and batch-norm statistics frozen.
-        return super().train(False)
-
 
 class CopyReference(ReferenceStrategy):
     """A frozen deep copy of the policy network."""
@@ -80,7 +76,8 @@ class CopyReference(ReferenceStrategy):
 
     @torch.no_grad()
     def logps(self, policy, samples, draw):
-        return policy.log_likelihood(self.network, samples, draw)
+        with eval_mode(self.network):  # Lightning may flip module modes; the reference never drops out
+            return policy.log_likelihood(self.network, samples, draw)
 
 
 class SyncReference(CopyReference):
