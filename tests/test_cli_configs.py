@@ -84,3 +84,14 @@ def test_cli_bad_loss_is_one_clear_error(tmp_path):
     assert result.returncode == 2
     assert "dpo_typo" in result.stderr and "sigmoid" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ckpt_path_last_resumes_to_the_uninterrupted_result(make_config):
+    args = ["domain.task.num_pairs=128", "domain.task.num_eval=64", "domain.task.batch_size=32"]
+    full = train(make_config(*args, "trainer.max_epochs=4", subdir="full"))
+    train(make_config(*args, "trainer.max_epochs=2", subdir="split"))
+    with pytest.raises(PrefoptError, match="ckpt_path=last"):
+        train(make_config(*args, "trainer.max_epochs=4", "ckpt_path=last", subdir="elsewhere"))
+    resumed = train(make_config(*args, "trainer.max_epochs=4", "ckpt_path=last", subdir="split"))
+    assert resumed["eval"] == full["eval"]
+    assert resumed["train"] == pytest.approx(full["train"], rel=1e-6)
