@@ -13,6 +13,8 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from prefopt.cache import cached_tensors
+from prefopt.data.pairs import TensorPairs
 from prefopt.errors import PrefoptError
 from prefopt.module import PreferenceModule
 from prefopt.tasks.base import Task
@@ -57,6 +59,25 @@ def build_trainer(cfg: DictConfig, output_dir: Path, round_index: int) -> L.Trai
     return instantiate(cfg.trainer, default_root_dir=str(output_dir), logger=logger, callbacks=callbacks)
 
 
+def round_pairs(cfg: DictConfig, task: Task, policy, round_index: int):
+    """The round's pairs. The first round's come from the base policy alone, so they are cached, keyed by
+    the task's config: every run of a sweep that varies only the loss, beta or reference reuses them."""
+    if round_index > 0 or not cfg.get("cache_pairs", True):
+        return task.pairs(policy, round_index)
+    built = []
+
+    def build():
+        pairs = task.pairs(policy, round_index)
+        built.append(pairs)
+        return pairs.to_tensors() if isinstance(pairs, TensorPairs) else {}
+
+    key = {"task": _container(cfg.domain.task), "round": round_index}
+    flat = cached_tensors(cfg.paths.cache_dir, f"pairs-{cfg.domain.name}", key, build)
+    if built and not isinstance(built[0], TensorPairs):
+        return built[0]  # a dataset type the cache cannot hold: used as built
+    return TensorPairs.from_tensors(flat) if flat else task.pairs(policy, round_index)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one configured job end to end and return its summary (also written as ``summary.json``)."""
     output_dir = Path(cfg.paths.output_dir)
@@ -73,7 +94,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     rounds: list[dict[str, Any]] = []
     train_metrics: dict[str, float] = {}
     for round_index in range(task.rounds):
-        pairs = task.pairs(policy, round_index)
+        pairs = round_pairs(cfg, task, policy, round_index)
         val = task.val_pairs()
         module = build_module(cfg, policy, round_index)
         trainer = build_trainer(cfg, output_dir, round_index)

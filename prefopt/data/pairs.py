@@ -41,6 +41,21 @@ class TensorPairs(Dataset):
         kept = {k: v[pairs.index] for k, v in (shared or {}).items()}
         return cls(pairs.chosen, pairs.rejected, kept, pairs.tie)
 
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """A flat dict of tensors (for :func:`prefopt.cache.cached_tensors`); :meth:`from_tensors` inverts it."""
+        flat = {f"{part}.{k}": v for part in ("chosen", "rejected", "shared") for k, v in getattr(self, part).items()}
+        flat["tie"] = self.tie
+        return flat
+
+    @classmethod
+    def from_tensors(cls, flat: Mapping[str, torch.Tensor]) -> "TensorPairs":
+        parts: dict[str, dict[str, torch.Tensor]] = {"chosen": {}, "rejected": {}, "shared": {}}
+        for key, value in flat.items():
+            if key != "tie":
+                part, name = key.split(".", 1)
+                parts[part][name] = value
+        return cls(parts["chosen"], parts["rejected"], parts["shared"], flat.get("tie"))
+
     def __len__(self) -> int:
         return self.size
 
