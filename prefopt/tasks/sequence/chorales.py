@@ -1,0 +1,257 @@
+"""Bach chorale melodies from the ``music21`` corpus, as token sequences.
+
+The corpus ships inside the ``music21`` wheel (``music21/corpus/bach``): nothing is downloaded. Every
+chorale score (``.mxl``, ``.xml``, ``.krn``; the ``.rntxt`` harmonic analyses are skipped) is parsed once;
+its soprano part (the part named "Soprano", else the score is skipped) has its ties merged, and the key
+of the whole score is estimated with music21's Krumhansl-Schmuckler ``analyze("key")``. The melody is
+transposed by the smallest shift (-6..+5 semitones) that puts the tonic on C for a major key and on A
+for a minor key, and written as tokens:
+
+``[BOS, MAJOR|MINOR, note, note, ..., EOS]``
+
+where a note token stands for one (pitch, duration) pair: a MIDI pitch in ``[low, high]`` or a rest, and a
+duration in quarter notes from ``durations`` (a parsed duration becomes the nearest one on a log scale).
+A score with a pitch outside the range is skipped, and so is a melody whose tokens equal an earlier one
+(the corpus has a few chorales twice). The *prompt* of a chorale is its BOS, mode and the notes of its
+opening ``prompt_bars`` bars (a pickup bar, numbered 0, counts in addition).
+
+Parsing takes about 0.1 s a score; the result is cached (:func:`load_chorales`) under a key made of the
+tokenizer's config, ``prompt_bars``, ``limit`` and the music21 version.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from prefopt.cache import cached_tensors
+from prefopt.errors import PrefoptError
+
+log = logging.getLogger(__name__)
+
+PAD, BOS, EOS, MAJOR, MINOR = 0, 1, 2, 3, 4
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<major>", "<minor>")
+MODES = ("major", "minor")
+#: the tonic pitch class a melody is transposed to, per mode (C major, A minor)
+TONIC = {"major": 0, "minor": 9}
+PARSE_VERSION = 1
+
+Note = tuple  # (midi pitch or None for a rest, duration in quarter notes)
+
+
+@dataclass(frozen=True)
+class ChoraleTokenizer:
+    """(pitch, duration) note tokens after five special tokens; see the module docstring."""
+
+    low: int = 52
+    high: int = 88
+    durations: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
+
+    def __post_init__(self):
+        object.__setattr__(self, "durations", tuple(float(d) for d in self.durations))
+        if not 0 <= self.low < self.high <= 127:
+            raise PrefoptError(f"tokenizer low={self.low}, high={self.high}: need 0 <= low < high <= 127")
+        if not self.durations or any(d <= 0 for d in self.durations) or list(self.durations) != sorted(
+                set(self.durations)):
+            raise PrefoptError(f"tokenizer durations={list(self.durations)}: need increasing positive values")
+
+    def config(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @property
+    def num_pitches(self) -> int:
+        return self.high - self.low + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return len(SPECIALS) + len(self.durations) * (1 + self.num_pitches)
+
+    def duration_index(self, quarter_length: float) -> int:
+        """The nearest duration on a log scale (so 0.125 -> 0.25 and 6 -> 4 with the defaults)."""
+        q = max(float(quarter_length), 1e-3)
+        return min(range(len(self.durations)), key=lambda i: abs(math.log(self.durations[i] / q)))
+
+    def note_token(self, pitch: int | None, quarter_length: float) -> int:
+        d = self.duration_index(quarter_length)
+        if pitch is None:
+            return len(SPECIALS) + d
+        if not self.low <= pitch <= self.high:
+            raise PrefoptError(f"pitch {pitch} outside the tokenizer's range [{self.low}, {self.high}]")
+        return len(SPECIALS) + len(self.durations) * (1 + pitch - self.low) + d
+
+    def is_note(self, token: int) -> bool:
+        return len(SPECIALS) <= int(token) < self.vocab_size
+
+    def decode_note(self, token: int) -> Note:
+        """(pitch or None, duration) of a note token."""
+        if not self.is_note(token):
+            raise PrefoptError(f"token {token} is not a note token (specials are 0..{len(SPECIALS) - 1}, "
+                               f"vocabulary size {self.vocab_size})")
+        k = int(token) - len(SPECIALS)
+        slot, d = divmod(k, len(self.durations))
+        return (None if slot == 0 else self.low + slot - 1), self.durations[d]
+
+    def notes(self, tokens: Sequence[int]) -> list[Note]:
+        """The notes among ``tokens`` (special tokens are left out)."""
+        return [self.decode_note(t) for t in tokens if self.is_note(t)]
+
+    def encode(self, notes: Sequence[Note], mode: str, eos: bool = True) -> list[int]:
+        if mode not in MODES:
+            raise PrefoptError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
+        body = [self.note_token(p, d) for p, d in notes]
+        return [BOS, MAJOR if mode == "major" else MINOR, *body, *([EOS] if eos else [])]
+
+    def mode_of(self, tokens: Sequence[int]) -> str:
+        if len(tokens) < 2 or tokens[1] not in (MAJOR, MINOR):
+            raise PrefoptError(f"a chorale sequence starts with BOS and a mode token; found {list(tokens[:2])}")
+        return "major" if tokens[1] == MAJOR else "minor"
+
+
+def chorale_paths() -> list[Path]:
+    """The Bach chorale scores of the music21 corpus, in a fixed order (the bundled files only)."""
+    from music21 import corpus
+
+    paths = sorted({Path(p) for p in corpus.getComposer("bach")}, key=lambda p: p.name)
+    paths = [p for p in paths if p.suffix in (".mxl", ".xml", ".krn")]
+    if not paths:
+        raise PrefoptError("the music21 corpus has no Bach chorales (music21/corpus/bach is missing); "
+                           "install the full music21 wheel")
+    return paths
+
+
+def _soprano(score):
+    for part in score.parts:
+        name = f"{part.partName or ''} {part.id or ''}".lower()
+        if "soprano" in name:
+            return part
+    return None
+
+
+def parse_chorale(path: Path, tokenizer: ChoraleTokenizer, prompt_bars: int) -> tuple[list[int], int] | None:
+    """(tokens, prompt length) of one score, or ``None`` if it is skipped (see the module docstring)."""
+    from music21 import converter
+
+    score = converter.parse(str(path), forceSource=True)  # forceSource: no music21 pickle cache is used
+    part = _soprano(score)
+    if part is None:
+        return None
+    key = score.analyze("key")
+    mode = key.mode if key.mode in MODES else "major"
+    shift = (TONIC[mode] - key.tonic.pitchClass + 6) % 12 - 6
+    notes: list[Note] = []
+    bars: list[int] = []
+    for element in part.stripTies().flatten().notesAndRests:
+        quarter_length = float(element.quarterLength)
+        if quarter_length <= 0:  # grace notes
+            continue
+        if element.isRest:
+            if not notes:  # leading rests carry nothing
+                continue
+            pitch = None
+        else:
+            pitch = max(p.midi for p in element.pitches) + shift
+            if not tokenizer.low <= pitch <= tokenizer.high:
+                return None
+        notes.append((pitch, quarter_length))
+        bars.append(int(element.measureNumber or 0))
+    while notes and notes[-1][0] is None:  # trailing rests
+        notes.pop()
+        bars.pop()
+    if len(notes) < 4:
+        return None
+    first = min(bars)
+    last_prompt_bar = prompt_bars if first == 0 else first + prompt_bars - 1
+    prompt_notes = sum(1 for b in bars if b <= last_prompt_bar)
+    prompt_notes = min(max(prompt_notes, 1), len(notes) - 1)
+    return tokenizer.encode(notes, mode), 2 + prompt_notes
+
+
+@dataclass
+class Chorales:
+    """Parsed chorales: ``tokens[i]`` is a list of ints, ``prompt_lengths[i]`` its prompt's token count."""
+
+    tokens: list[list[int]]
+    prompt_lengths: list[int]
+    sources: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def subset(self, index: Sequence[int]) -> "Chorales":
+        return Chorales([self.tokens[i] for i in index], [self.prompt_lengths[i] for i in index],
+                        [self.sources[i] for i in index] if self.sources else [])
+
+
+def load_chorales(cache_dir, tokenizer: ChoraleTokenizer, prompt_bars: int = 2, limit: int | None = None,
+                  progress: bool = True) -> Chorales:
+    """Parse the corpus once (the first ``limit`` scores if set) and cache the token sequences."""
+    import music21
+
+    if int(prompt_bars) < 1:
+        raise PrefoptError(f"prompt_bars={prompt_bars!r} must be >= 1")
+    if limit is not None and int(limit) < 1:
+        raise PrefoptError(f"limit={limit!r} must be >= 1 or null (all chorales)")
+    paths = chorale_paths()
+    if limit is not None:
+        paths = paths[: int(limit)]
+    config = {"version": PARSE_VERSION, "music21": music21.__version__, "tokenizer": tokenizer.config(),
+              "prompt_bars": int(prompt_bars), "limit": limit}
+
+    def build():
+        from tqdm.auto import tqdm
+
+        rows, prompts, sources, seen = [], [], [], set()
+        for i, path in enumerate(tqdm(paths, desc="parsing chorales", disable=not progress)):
+            parsed = parse_chorale(path, tokenizer, int(prompt_bars))
+            if parsed is None or tuple(parsed[0]) in seen:
+                continue
+            seen.add(tuple(parsed[0]))
+            rows.append(parsed[0])
+            prompts.append(parsed[1])
+            sources.append(i)
+        if not rows:
+            raise PrefoptError(f"no usable chorale among the {len(paths)} scores parsed (limit={limit})")
+        width = max(len(r) for r in rows)
+        tokens = torch.full((len(rows), width), PAD, dtype=torch.int64)
+        for j, r in enumerate(rows):
+            tokens[j, : len(r)] = torch.tensor(r)
+        log.info("parsed %d chorale melodies from %d scores", len(rows), len(paths))
+        return {"tokens": tokens, "lengths": torch.tensor([len(r) for r in rows]),
+                "prompt_lengths": torch.tensor(prompts), "sources": torch.tensor(sources)}
+
+    data = cached_tensors(cache_dir, "sequence-chorales", config, build)
+    tokens = [row[:n].tolist() for row, n in zip(data["tokens"], data["lengths"].tolist())]
+    return Chorales(tokens, data["prompt_lengths"].tolist(), [paths[i].name for i in data["sources"].tolist()])
+
+
+def to_stream(notes: Sequence[Note], prompt_notes: int = 0, title: str | None = None):
+    """A music21 stream of a melody (prompt notes marked with a lyric "p" on the first one)."""
+    from music21 import metadata, note, stream
+
+    part = stream.Part()
+    for i, (pitch, quarter_length) in enumerate(notes):
+        element = note.Rest(quarterLength=quarter_length) if pitch is None else note.Note(pitch, quarterLength=quarter_length)
+        part.append(element)
+    score = stream.Score([part])
+    if title:
+        score.insert(0, metadata.Metadata(title=title))
+    return score
+
+
+def write_midi(notes: Sequence[Note], path: Path) -> None:
+    """Write a melody as a MIDI file, atomically (music21 writes a temp file that is then renamed)."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.mid")
+    to_stream(notes).write("midi", fp=str(tmp))
+    os.replace(tmp, path)
+
+
+__all__ = ["BOS", "EOS", "MAJOR", "MINOR", "MODES", "PAD", "ChoraleTokenizer", "Chorales", "TONIC",
+           "chorale_paths", "load_chorales", "parse_chorale", "to_stream", "write_midi"]

@@ -1,0 +1,319 @@
+"""The chorale default: DPO of a small melody transformer toward a music-theory reward.
+
+1. :func:`~prefopt.tasks.sequence.chorales.load_chorales` parses the Bach chorales of the music21 corpus
+   (cached) and splits them, with a fixed permutation, into *base* (pretraining), *prompt* (the opening
+   bars that candidate pairs continue) and *eval* chorales (held out from both).
+2. :meth:`ChoraleTask.build_policy` pretrains a :class:`~prefopt.tasks.sequence.model.MelodyTransformer`
+   on the base chorales by maximum likelihood (cached, keyed by data, model and training config).
+3. :meth:`ChoraleTask.pairs` samples ``samples_per_prompt`` continuations of every prompt chorale's
+   opening bars from the current policy (cached for round 0), scores them with
+   :class:`~prefopt.tasks.sequence.reward.ChoraleReward`, pairs consecutive samples of one prompt and has a
+   :class:`~prefopt.data.teachers.ScriptedTeacher` label each pair.
+4. :meth:`ChoraleTask.evaluate` continues the eval chorales' opening bars ``eval_samples`` times with the
+   reference and the policy, with the same seeds (common random numbers), and reports the mean reward of
+   each, the win rate (policy reward above the reference's on the same prompt and seed; a tie counts one
+   half), and the held-out negative log-likelihood per token of the real eval chorales under each model.
+   A few melodies are written as MIDI files and a piano roll of reference vs policy samples as a PNG.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from prefopt.adapters.sequence import SequencePolicy, pad_sequences, trim_pair_batch
+from prefopt.cache import cached_tensors
+from prefopt.data.pairs import TensorPairs
+from prefopt.data.teachers import ScriptedTeacher, to_pairs
+from prefopt.errors import PrefoptError
+from prefopt.tasks.bandit import mean_and_se
+from prefopt.tasks.base import EpochShuffleSampler, Task
+from prefopt.tasks.sequence.chorales import (BOS, EOS, MAJOR, MINOR, PAD, ChoraleTokenizer, Chorales,
+                                             load_chorales, write_midi)
+from prefopt.tasks.sequence.model import MelodyTransformer
+from prefopt.tasks.sequence.reward import ChoraleReward
+
+log = logging.getLogger(__name__)
+
+MODEL_DEFAULTS = {"d_model": 96, "n_layers": 3, "n_heads": 4, "d_ff": None, "dropout": 0.1, "max_len": 256}
+PRETRAIN_DEFAULTS = {"epochs": 30, "batch_size": 32, "lr": 3.0e-3, "weight_decay": 0.01, "warmup_steps": 50,
+                     "seed": 0}
+
+
+def _options(name: str, given: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise PrefoptError(f"{name} has unknown options {unknown}; allowed: {', '.join(sorted(defaults))}")
+    return {**defaults, **given}
+
+
+def sequence_dataloader(dataset: Dataset, batch_size: int, seed: int, train: bool = True) -> DataLoader:
+    """Batches of pair rows with the all-padding columns at the end trimmed away."""
+    sampler = EpochShuffleSampler(len(dataset), seed) if train else None
+    from torch.utils.data import default_collate
+
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                      collate_fn=lambda rows: trim_pair_batch(default_collate(rows)))
+
+
+def pair_dataset(prompts: Sequence[Sequence[int]], first: Sequence[Sequence[int]], second: Sequence[Sequence[int]],
+                 labels, pad_id: int) -> TensorPairs:
+    """Pairs of ``prompt + completion`` sequences, padded to one width, sorted by a teacher's labels."""
+    seq_a = [list(p) + list(c) for p, c in zip(prompts, first)]
+    seq_b = [list(p) + list(c) for p, c in zip(prompts, second)]
+    width = max(len(s) for s in seq_a + seq_b)
+    plen = [len(p) for p in prompts]
+    items_a = pad_sequences(seq_a, plen, pad_id, width)
+    items_b = pad_sequences(seq_b, plen, pad_id, width)
+    return TensorPairs.from_ordered(to_pairs(items_a, items_b, labels))
+
+
+def _length_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """A shuffled epoch of batches whose rows have similar lengths (less padding to compute on)."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = 4 * batch_size
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+class ChoraleTask(Task):
+    """See the module docstring. Every option is in ``conf/domain/sequence.yaml``."""
+
+    name = "sequence"
+
+    def __init__(self, limit: int | None = None, prompt_bars: int = 2, eval_fraction: float = 0.1,
+                 prompt_fraction: float = 0.15, split_seed: int = 0, tokenizer: Mapping[str, Any] | None = None,
+                 model: Mapping[str, Any] | None = None, pretrain: Mapping[str, Any] | None = None,
+                 samples_per_prompt: int = 16, max_new_tokens: int = 96, temperature: float = 1.0,
+                 eval_samples: int = 4, eval_prompts: int | None = None, reward: Mapping[str, Any] | None = None,
+                 teacher: Mapping[str, Any] | None = None, batch_size: int = 32, rounds: int = 1,
+                 num_midi: int = 4, progress: bool = True, seed: int = 0, cache_dir: str = ".cache/prefopt"):
+        if not 0 < eval_fraction < 1 or not 0 < prompt_fraction < 1 or eval_fraction + prompt_fraction >= 1:
+            raise PrefoptError(f"eval_fraction={eval_fraction}, prompt_fraction={prompt_fraction}: each must be in "
+                               "(0, 1) and their sum below 1 (the rest pretrains the base model)")
+        if samples_per_prompt < 2 or samples_per_prompt % 2:
+            raise PrefoptError(f"samples_per_prompt={samples_per_prompt} must be an even number >= 2 "
+                               "(consecutive samples of one prompt form a pair)")
+        for option, value in (("max_new_tokens", max_new_tokens), ("eval_samples", eval_samples),
+                              ("batch_size", batch_size), ("rounds", rounds)):
+            if int(value) < 1:
+                raise PrefoptError(f"{option}={value!r} must be an integer >= 1")
+        if temperature <= 0:
+            raise PrefoptError(f"temperature={temperature!r} must be > 0")
+        self.limit, self.prompt_bars = limit, int(prompt_bars)
+        self.eval_fraction, self.prompt_fraction, self.split_seed = float(eval_fraction), float(prompt_fraction), int(split_seed)
+        self.tokenizer = ChoraleTokenizer(**dict(tokenizer or {}))
+        self.model_options = _options("model", model, MODEL_DEFAULTS)
+        self.pretrain_options = _options("pretrain", pretrain, PRETRAIN_DEFAULTS)
+        self.samples_per_prompt, self.max_new_tokens = int(samples_per_prompt), int(max_new_tokens)
+        self.temperature, self.eval_samples = float(temperature), int(eval_samples)
+        self.eval_prompts = None if eval_prompts is None else int(eval_prompts)
+        self.reward = ChoraleReward(**dict(reward or {}))
+        self.teacher_options = dict(teacher or {})
+        self.teacher = ScriptedTeacher(**self.teacher_options, seed=seed)
+        self.batch_size, self.rounds, self.num_midi = int(batch_size), int(rounds), int(num_midi)
+        self.progress, self.seed, self.cache_dir = bool(progress), int(seed), str(cache_dir)
+        self._splits: dict[str, Chorales] | None = None
+        self.base_nll: float | None = None
+
+    # --------------------------------------------------------------------------------------- data
+    @property
+    def banned(self) -> tuple[int, ...]:
+        """Tokens a continuation may not contain (all specials but EOS)."""
+        return PAD, BOS, MAJOR, MINOR
+
+    def splits(self) -> dict[str, Chorales]:
+        if self._splits is None:
+            data = load_chorales(self.cache_dir, self.tokenizer, self.prompt_bars, self.limit, self.progress)
+            if len(data) < 3:
+                raise PrefoptError(f"limit={self.limit} leaves {len(data)} chorales; need at least 3 "
+                                   "(one each for pretraining, pair prompts and evaluation)")
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+            n_eval = max(1, round(self.eval_fraction * len(data)))
+            n_prompt = max(1, round(self.prompt_fraction * len(data)))
+            self._splits = {"eval": data.subset(order[:n_eval]),
+                            "prompt": data.subset(order[n_eval:n_eval + n_prompt]),
+                            "base": data.subset(order[n_eval + n_prompt:])}
+            log.info("chorales: %s", {k: len(v) for k, v in self._splits.items()})
+        return self._splits
+
+    def _data_config(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer.config(), "prompt_bars": self.prompt_bars, "limit": self.limit,
+                "eval_fraction": self.eval_fraction, "prompt_fraction": self.prompt_fraction,
+                "split_seed": self.split_seed}
+
+    def base_config(self) -> dict[str, Any]:
+        return {"data": self._data_config(), "model": self.model_options, "pretrain": self.pretrain_options}
+
+    # ----------------------------------------------------------------------------------- the base
+    def _network(self) -> MelodyTransformer:
+        return MelodyTransformer(self.tokenizer.vocab_size, **self.model_options)
+
+    def build_policy(self) -> SequencePolicy:
+        splits = self.splits()
+        longest = max(len(t) for part in splits.values() for t in part.tokens)
+        needed = max(longest, max(p for part in splits.values() for p in part.prompt_lengths) + self.max_new_tokens)
+        if needed > self.model_options["max_len"]:
+            raise PrefoptError(f"model.max_len={self.model_options['max_len']} is shorter than the longest sequence "
+                               f"({needed} tokens: a chorale, or a prompt + max_new_tokens); raise model.max_len")
+        network = self._network()
+        state = cached_tensors(self.cache_dir, "sequence-base", self.base_config(),
+                               lambda: self._pretrain(splits["base"]))
+        network.load_state_dict(state)
+        policy = SequencePolicy(network, pad_id=PAD)
+        total, count = policy.token_nll(splits["eval"].tokens, skip=2)
+        self.base_nll = total / max(count, 1)
+        log.info("base model: held-out NLL %.4f nats/token on %d eval chorales", self.base_nll, len(splits["eval"]))
+        return policy
+
+    def _pretrain(self, data: Chorales) -> dict[str, torch.Tensor]:
+        """Maximum likelihood on the base chorales (every token after BOS); returns the state dict."""
+        from tqdm.auto import tqdm
+
+        opts = self.pretrain_options
+        with torch.random.fork_rng():
+            torch.manual_seed(int(opts["seed"]))
+            network = self._network()
+            policy = SequencePolicy(network, pad_id=PAD)
+            optimizer = torch.optim.AdamW(network.parameters(), lr=float(opts["lr"]),
+                                          weight_decay=float(opts["weight_decay"]))
+            batch_size = int(opts["batch_size"])
+            steps_per_epoch = math.ceil(len(data) / batch_size)
+            total_steps = max(1, int(opts["epochs"]) * steps_per_epoch)
+            warmup = min(int(opts["warmup_steps"]), total_steps // 2)
+
+            def lr_at(step):  # linear warmup, cosine decay to 10%
+                if step < warmup:
+                    return (step + 1) / warmup
+                progress = (step - warmup) / max(1, total_steps - warmup)
+                return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+            generator = torch.Generator().manual_seed(int(opts["seed"]))
+            network.train()
+            bar = tqdm(total=total_steps, desc="pretraining the base melody model", disable=not self.progress)
+            for _ in range(int(opts["epochs"])):
+                for rows in _length_batches([len(t) for t in data.tokens], batch_size, generator):
+                    batch = pad_sequences([data.tokens[i] for i in rows], [1] * len(rows), PAD)
+                    loss = -policy.log_likelihood(network, batch).sum() / policy.lengths(batch).sum()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+                    optimizer.step()
+                    scheduler.step()
+                    bar.update(1)
+                    bar.set_postfix(nll=f"{loss.item():.3f}")
+            bar.close()
+        return {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+    # ------------------------------------------------------------------------------------ samples
+    def continue_prompts(self, policy: SequencePolicy, prompts: Sequence[Sequence[int]], seed: int) -> list[list[int]]:
+        return policy.sample(prompts, self.max_new_tokens, EOS, seed=seed, temperature=self.temperature,
+                             banned=self.banned)
+
+    def score(self, prompt: Sequence[int], completion: Sequence[int]) -> dict[str, float]:
+        finished = bool(completion) and completion[-1] == EOS
+        return self.reward.components(self.tokenizer.notes(completion), self.tokenizer.mode_of(prompt),
+                                      self.tokenizer.notes(prompt), finished)
+
+    def _candidates(self, policy: SequencePolicy, round_index: int) -> tuple[list[list[int]], list[list[int]]]:
+        data = self.splits()["prompt"]
+        prompts = [t[:p] for t, p in zip(data.tokens, data.prompt_lengths)]
+        repeated = [p for p in prompts for _ in range(self.samples_per_prompt)]
+        seed = self.seed * 7919 + round_index
+
+        def build():
+            log.info("sampling %d candidate continuations", len(repeated))
+            completions = self.continue_prompts(policy, repeated, seed)
+            out = torch.full((len(completions), self.max_new_tokens), PAD, dtype=torch.int64)
+            for i, c in enumerate(completions):
+                out[i, : len(c)] = torch.tensor(c, dtype=torch.int64)
+            return {"completions": out, "lengths": torch.tensor([len(c) for c in completions])}
+
+        if round_index == 0:  # the base policy is fixed by its config: cache its samples
+            config = {"base": self.base_config(), "samples_per_prompt": self.samples_per_prompt,
+                      "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "seed": seed}
+            tensors = cached_tensors(self.cache_dir, "sequence-candidates", config, build)
+        else:
+            tensors = build()
+        completions = [row[:n].tolist() for row, n in zip(tensors["completions"], tensors["lengths"].tolist())]
+        return repeated, completions
+
+    def pairs(self, policy: SequencePolicy, round_index: int) -> TensorPairs:
+        prompts, completions = self._candidates(policy, round_index)
+        rewards = torch.tensor([self.score(p, c)["reward"] for p, c in zip(prompts, completions)], dtype=torch.float64)
+        labels = self.teacher.label(rewards[0::2], rewards[1::2])
+        pairs = pair_dataset(prompts[0::2], completions[0::2], completions[1::2], labels, PAD)
+        if len(pairs) == 0:
+            raise PrefoptError("the teacher kept no candidate pair; loosen teacher.skip_threshold")
+        self.last_pair_stats = {"candidates_reward_mean": float(rewards.mean()),
+                                "pairs": len(pairs), "pair_ties": int(pairs.tie.sum())}
+        log.info("round %d pairs: %s", round_index, self.last_pair_stats)
+        return pairs
+
+    def dataloader(self, dataset: Dataset, train: bool = True) -> DataLoader:
+        return sequence_dataloader(dataset, self.batch_size, self.seed, train)
+
+    # --------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, reference: SequencePolicy, policy: SequencePolicy, output_dir: Path,
+                 round_index: int) -> dict[str, Any]:
+        data = self.splits()["eval"]
+        count = len(data) if self.eval_prompts is None else min(self.eval_prompts, len(data))
+        prompts = [t[:p] for t, p in zip(data.tokens[:count], data.prompt_lengths[:count])]
+        repeated = [p for p in prompts for _ in range(self.eval_samples)]
+        seed = 1_000_000 + self.seed  # the same for both models: common random numbers
+        results, samples = {}, {}
+        for name, model in (("reference", reference), ("policy", policy)):
+            completions = self.continue_prompts(model, repeated, seed)
+            scores = [self.score(p, c) for p, c in zip(repeated, completions)]
+            rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float64)
+            mean, se = mean_and_se(rewards)
+            total, tokens = model.token_nll(data.tokens, skip=2)
+            summary = {"reward_mean": mean, "reward_se": se, "nll_per_token": total / max(tokens, 1),
+                       "length_mean": float(sum(len(c) for c in completions) / len(completions))}
+            for key in ("out_of_key", "repeats", "leaps", "violation_rate", "tonic", "finished", "short"):
+                summary[f"{key}_mean"] = float(sum(s[key] for s in scores) / len(scores))
+            results[name], samples[name] = (summary, rewards), completions
+        (ref, ref_rewards), (pol, pol_rewards) = results["reference"], results["policy"]
+        wins = (pol_rewards > ref_rewards).double()
+        ties = (pol_rewards == ref_rewards).double()
+        output_dir = Path(output_dir)
+        self._write_outputs(output_dir, round_index, repeated, samples)
+        return {"reference": ref, "policy": pol,
+                "win_rate": float((wins + 0.5 * ties).mean()),
+                "win_rate_strict": float(wins.mean()), "tie_rate": float(ties.mean()),
+                "nll_ratio": pol["nll_per_token"] / ref["nll_per_token"],
+                "eval_prompts": count, "eval_samples": len(repeated),
+                **getattr(self, "last_pair_stats", {})}
+
+    def _write_outputs(self, output_dir: Path, round_index: int, prompts, samples) -> None:
+        shown = list(range(0, min(self.num_midi * self.eval_samples, len(prompts)), self.eval_samples))
+        if not shown:
+            return
+        midi_dir = output_dir / "midi"
+        midi_dir.mkdir(parents=True, exist_ok=True)
+        rolls = []
+        for k, i in enumerate(shown):
+            row = []
+            for name in ("reference", "policy"):
+                prompt_notes = self.tokenizer.notes(prompts[i])
+                notes = prompt_notes + self.tokenizer.notes(samples[name][i])
+                write_midi(notes, midi_dir / f"round{round_index}_prompt{k}_{name}.mid")
+                row.append((name, notes, len(prompt_notes), self.score(prompts[i], samples[name][i])["reward"]))
+            rolls.append(row)
+        from prefopt.tasks.sequence.render import piano_roll
+
+        piano_roll(rolls, output_dir / f"pianoroll_round{round_index}.png")
+
+
+__all__ = ["ChoraleTask", "pair_dataset", "sequence_dataloader"]
