@@ -59,12 +59,19 @@ class GaussianMLP(nn.Module):
     """obs -> diagonal Gaussian over actions, with a state-independent learned log standard deviation.
 
     With ``low``/``high`` bounds the Gaussian is tanh-squashed into them (:class:`SquashedNormal`);
-    without, it is an unbounded ``Independent(Normal)``.
+    without, it is an unbounded ``Independent(Normal)``. ``mean_bound`` softly limits the Gaussian's mean
+    to ``(-mean_bound, mean_bound)`` (``loc = b tanh(raw / b)``): with a squash, a mean far beyond the
+    tanh's saturation makes every sample the same boundary action, whose pre-tanh value float32 cannot
+    recover, so neither cloning nor DPO should be able to push it there.
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (64, 64), log_std: float = -0.5,
-                 low: Sequence[float] | None = None, high: Sequence[float] | None = None):
+                 low: Sequence[float] | None = None, high: Sequence[float] | None = None,
+                 mean_bound: float | None = None):
         super().__init__()
+        if mean_bound is not None and not float(mean_bound) > 0:
+            raise PrefoptError(f"mean_bound={mean_bound!r} must be > 0 (or None for no bound)")
+        self.mean_bound = float(mean_bound) if mean_bound is not None else None
         self.body = mlp([obs_dim, *hidden, act_dim])
         self.log_std = nn.Parameter(torch.full((act_dim,), float(log_std)))
         squash = low is not None and high is not None
@@ -74,6 +81,8 @@ class GaussianMLP(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> Distribution:
         loc = self.body(obs)
+        if self.mean_bound is not None:
+            loc = self.mean_bound * torch.tanh(loc / self.mean_bound)
         scale = self.log_std.clamp(-10.0, 2.0).exp().expand_as(loc)
         if self.squash:
             return SquashedNormal(loc, scale, self.low, self.high)
@@ -92,8 +101,12 @@ class CategoricalMLP(nn.Module):
 
 
 def policy_network_for(observation_space, action_space, hidden: Sequence[int] = (64, 64),
-                       log_std: float = -0.5, squash: bool = True) -> nn.Module:
-    """A policy network for gymnasium spaces: Box observations; Box or Discrete actions."""
+                       log_std: float = -0.5, squash: bool = True, mean_bound: float | None = None) -> nn.Module:
+    """A policy network for gymnasium spaces: Box observations; Box or Discrete actions.
+
+    A bounded Box action space gets a tanh-squashed :class:`GaussianMLP` (``squash=True``), an unbounded
+    one (or ``squash=False``) a plain diagonal Gaussian; ``Discrete`` gets a :class:`CategoricalMLP`.
+    """
     from gymnasium import spaces
 
     if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 1:
@@ -106,7 +119,7 @@ def policy_network_for(observation_space, action_space, hidden: Sequence[int] = 
         bounded = squash and bool(action_space.is_bounded("both"))
         return GaussianMLP(obs_dim, action_space.shape[0], hidden, log_std,
                            low=action_space.low.tolist() if bounded else None,
-                           high=action_space.high.tolist() if bounded else None)
+                           high=action_space.high.tolist() if bounded else None, mean_bound=mean_bound)
     raise PrefoptError(f"action space {action_space} is not supported; allowed: Discrete or a flat Box")
 
 
@@ -115,8 +128,10 @@ class ControlPolicy(PreferencePolicy):
 
     Args:
         network: ``obs -> torch.distributions.Distribution`` over actions.
-        gamma: per-step discount of the log-likelihood (``1`` weighs every step alike).
-        alpha: scale of the whole sum (CPL's temperature lives here or in the loss's ``beta``).
+        gamma: per-step discount of the log-likelihood (``1`` weighs every step alike); step ``t`` counts
+            from the start of the segment.
+        alpha: scale of the whole sum (CPL's temperature lives here or in the loss's ``beta``; with both,
+            the loss sees ``beta * alpha * sum_t gamma^t log pi``).
 
     What a subclass may change: :meth:`step_log_probs` (e.g. to feed an observation history or a
     recurrent state to the network); the discounting and masking stay in :meth:`log_likelihood`.
@@ -128,15 +143,34 @@ class ControlPolicy(PreferencePolicy):
         super().__init__(network)
         if not 0.0 < gamma <= 1.0:
             raise PrefoptError(f"gamma={gamma!r} must be in (0, 1]")
+        if not float(alpha) > 0.0:
+            raise PrefoptError(f"alpha={alpha!r} must be > 0")
         self.gamma, self.alpha = float(gamma), float(alpha)
 
     def step_log_probs(self, network: nn.Module, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """``log pi(a_t | s_t)`` per step, shape ``[N, H]``."""
-        return network(obs).log_prob(actions)
+        """``log pi(a_t | s_t)`` per step, shape ``[N, H]``.
+
+        A network whose distribution scores each action dimension separately (a plain ``Normal`` rather
+        than ``Independent(Normal, 1)``) returns ``[N, H, act_dim]``; the dimensions are summed.
+        """
+        dist = network(obs)
+        if not isinstance(dist, Distribution):
+            raise PrefoptError(f"{type(network).__name__} returned {type(dist).__name__}; a control policy network "
+                               "must return a torch.distributions.Distribution over actions")
+        logp = dist.log_prob(actions)
+        if logp.dim() > 2:
+            logp = logp.flatten(2).sum(-1)
+        return logp
 
     def log_likelihood(self, network: nn.Module, samples: Mapping[str, Any], draw: Any = None) -> torch.Tensor:
         obs, actions = samples["obs"], samples["actions"]
+        if obs.dim() != 3:
+            raise PrefoptError(f"control samples: 'obs' has shape {tuple(obs.shape)}; expected [N, H, obs_dim] "
+                               "(a segment of H steps per sample)")
         logp = self.step_log_probs(network, obs, actions)
+        if logp.shape != obs.shape[:2]:
+            raise PrefoptError(f"control policy: per-step log-probs have shape {tuple(logp.shape)}, expected "
+                               f"{tuple(obs.shape[:2])}; check the 'actions' shape {tuple(actions.shape)}")
         horizon = logp.shape[-1]
         weights = self.gamma ** torch.arange(horizon, device=logp.device, dtype=logp.dtype)
         mask = samples.get("mask")
@@ -160,7 +194,10 @@ class ControlPolicy(PreferencePolicy):
             return dist.sample()
         if isinstance(dist, Categorical):
             return dist.probs.argmax(-1)
-        return dist.mean
+        try:
+            return dist.mean
+        except NotImplementedError:  # e.g. a user's TransformedDistribution: fall back to the mode
+            return dist.mode
 
 
 __all__ = ["CategoricalMLP", "ControlPolicy", "GaussianMLP", "SquashedNormal", "mlp", "policy_network_for"]
