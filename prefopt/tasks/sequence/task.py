@@ -41,7 +41,7 @@ from prefopt.tasks.sequence.reward import ChoraleReward
 log = logging.getLogger(__name__)
 
 MODEL_DEFAULTS = {"d_model": 96, "n_layers": 3, "n_heads": 4, "d_ff": None, "dropout": 0.1, "max_len": 256}
-PRETRAIN_DEFAULTS = {"epochs": 30, "batch_size": 32, "lr": 3.0e-3, "weight_decay": 0.01, "warmup_steps": 50,
+PRETRAIN_DEFAULTS = {"epochs": 20, "batch_size": 32, "lr": 3.0e-3, "weight_decay": 0.01, "warmup_steps": 50,
                      "seed": 0}
 
 
@@ -155,8 +155,8 @@ class ChoraleTask(Task):
         return {"data": self._data_config(), "model": self.model_options, "pretrain": self.pretrain_options}
 
     # ----------------------------------------------------------------------------------- the base
-    def _network(self) -> MelodyTransformer:
-        return MelodyTransformer(self.tokenizer.vocab_size, **self.model_options)
+    def _network(self, **overrides) -> MelodyTransformer:
+        return MelodyTransformer(self.tokenizer.vocab_size, **{**self.model_options, **overrides})
 
     def build_policy(self) -> SequencePolicy:
         splits = self.splits()
@@ -165,9 +165,11 @@ class ChoraleTask(Task):
         if needed > self.model_options["max_len"]:
             raise PrefoptError(f"model.max_len={self.model_options['max_len']} is shorter than the longest sequence "
                                f"({needed} tokens: a chorale, or a prompt + max_new_tokens); raise model.max_len")
-        network = self._network()
         state = cached_tensors(self.cache_dir, "sequence-base", self.base_config(),
                                lambda: self._pretrain(splits["base"]))
+        # dropout is for pretraining only: with it, DPO's policy/reference log-ratios would be noisy and
+        # biased (the reference is scored in eval mode), so the policy is built without (as TRL does)
+        network = self._network(dropout=0.0)
         network.load_state_dict(state)
         policy = SequencePolicy(network, pad_id=PAD)
         total, count = policy.token_nll(splits["eval"].tokens, skip=2)
@@ -255,9 +257,8 @@ class ChoraleTask(Task):
         pairs = pair_dataset(prompts[0::2], completions[0::2], completions[1::2], labels, PAD)
         if len(pairs) == 0:
             raise PrefoptError("the teacher kept no candidate pair; loosen teacher.skip_threshold")
-        self.last_pair_stats = {"candidates_reward_mean": float(rewards.mean()),
-                                "pairs": len(pairs), "pair_ties": int(pairs.tie.sum())}
-        log.info("round %d pairs: %s", round_index, self.last_pair_stats)
+        log.info("round %d: %d pairs (%d ties) from %d candidates of mean reward %.4f", round_index, len(pairs),
+                 int(pairs.tie.sum()), len(completions), float(rewards.mean()))
         return pairs
 
     def dataloader(self, dataset: Dataset, train: bool = True) -> DataLoader:
@@ -293,8 +294,7 @@ class ChoraleTask(Task):
                 "win_rate": float((wins + 0.5 * ties).mean()),
                 "win_rate_strict": float(wins.mean()), "tie_rate": float(ties.mean()),
                 "nll_ratio": pol["nll_per_token"] / ref["nll_per_token"],
-                "eval_prompts": count, "eval_samples": len(repeated),
-                **getattr(self, "last_pair_stats", {})}
+                "eval_prompts": count, "eval_samples": len(repeated)}
 
     def _write_outputs(self, output_dir: Path, round_index: int, prompts, samples) -> None:
         shown = list(range(0, min(self.num_midi * self.eval_samples, len(prompts)), self.eval_samples))
