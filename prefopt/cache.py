@@ -68,6 +68,7 @@ def cached_tensors(cache_dir: str | os.PathLike, kind: str, config: Mapping[str,
     with FileLock(str(path) + ".lock"):
         tensors = _load_checked(path)
         if tensors is not None:
+            log.info("cache: reused %s entry %s", kind, path)
             return tensors
         tensors = {k: v.detach().cpu().contiguous() for k, v in build().items()}
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -77,4 +78,5 @@ def cached_tensors(cache_dir: str | os.PathLike, kind: str, config: Mapping[str,
         sidecar_tmp.write_text(_digest(path))
         os.replace(sidecar_tmp, path.with_suffix(".sha256"))
         BUILD_COUNTS[kind] += 1
+        log.info("cache: built %s entry %s", kind, path)
         return tensors

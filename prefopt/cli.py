@@ -8,11 +8,30 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from prefopt.errors import PrefoptError
 
 log = logging.getLogger("prefopt")
+
+#: longest sweep run-folder name kept as is (file systems refuse names over 255 bytes)
+MAX_SUBDIR = 150
+
+
+def sweep_subdir(override_dirname: str, job_num) -> str:
+    """A sweep run's folder name (``hydra.sweep.subdir``): its overrides, or, when those are too long for a
+    file name, the job number, their start and a hash. ``prefopt-report`` reads ``.hydra/overrides.yaml``."""
+    if not override_dirname:
+        return str(job_num)
+    if len(override_dirname.encode()) <= MAX_SUBDIR:
+        return override_dirname
+    import hashlib
+
+    digest = hashlib.sha256(override_dirname.encode()).hexdigest()[:8]
+    return f"{job_num}_{override_dirname.encode()[:100].decode(errors='ignore')}_{digest}"
+
+
+OmegaConf.register_new_resolver("prefopt_subdir", sweep_subdir, replace=True)
 
 
 def config_dir() -> str:

@@ -66,6 +66,7 @@ class PreferenceModule(L.LightningModule):
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
         self.scheduler_factory = scheduler
         self.seed, self.nonfinite = int(seed), nonfinite
+        self._last_reference_step = -1  # global_step of the last reference.after_step call
 
     # ----------------------------------------------------------------------------------------- steps
     def _generator(self, stage: str, index: int) -> torch.Generator:
@@ -150,6 +151,7 @@ class PreferenceModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------- hooks
     def on_train_start(self):
+        self._last_reference_step = self.global_step  # a resumed run already synced at its restored step
         if self.reference.name == "precomputed":
             loader = self.trainer.train_dataloader
             device_batches = (self._to_device(b) for b in loader)
@@ -160,7 +162,11 @@ class PreferenceModule(L.LightningModule):
         return move_data_to_device(batch, self.device)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.reference.after_step(self.policy, self.global_step)
+        # only after a batch that ended with an optimizer step: with gradient accumulation (or a skipped
+        # non-finite batch) several batches end at the same global_step, and sync must move once per step
+        if self.global_step != self._last_reference_step:
+            self._last_reference_step = self.global_step
+            self.reference.after_step(self.policy, self.global_step)
 
     def on_train_end(self):
         self.reference.finish(self.policy)

@@ -187,18 +187,24 @@ class PrecomputedReference(ReferenceStrategy):
     def prepare(self, policy, batches):
         if self.cache.numel():
             return  # restored from a checkpoint
-        rows: dict[int, torch.Tensor] = {}
+        indices, values = [], []
         with eval_mode(policy.network):
             for batch in batches:
                 self._check(policy, batch)
                 samples = policy.concatenate(batch)
                 logps = policy.log_likelihood(policy.network, samples, policy.draw(samples))
-                for i, c, r in zip(batch["index"].tolist(), *split_pairs(logps.float())):
-                    rows[i] = torch.stack([c, r])
-        if not rows:
+                indices.append(batch["index"].reshape(-1).to(torch.int64))
+                values.append(torch.stack(split_pairs(logps.float()), dim=1))
+        device = values[0].device if values else next(policy.network.parameters()).device
+        index = torch.cat(indices) if indices else torch.empty(0, dtype=torch.int64, device=device)
+        value = torch.cat(values) if values else torch.empty(0, 2, device=device)
+        # Under DDP each rank scored only its shard of the training set: every rank takes all the rows,
+        # so each example is scored once and all ranks read the same cache.
+        index, value = _all_gather_rows(index.to(device), value)
+        if not index.numel():
             raise PrefoptError("reference=precomputed found no training batches to precompute")
-        cache = torch.full((max(rows) + 1, 2), float("nan"), device=next(iter(rows.values())).device)
-        cache[list(rows)] = torch.stack(list(rows.values()))
+        cache = torch.full((int(index.max()) + 1, 2), float("nan"), device=device)
+        cache[index] = value  # an index seen twice (DDP pads shards to equal size) carries the same value
         self.cache = cache
 
     def logps(self, policy, samples, draw):
@@ -211,6 +217,31 @@ class PrecomputedReference(ReferenceStrategy):
                                f"{index.tolist()}: the cache covers the training set only")
         values = self.cache[index]
         return torch.cat([values[:, 0], values[:, 1]])
+
+
+def _all_gather_rows(index: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(index [n], values [n, 2])`` rows of every rank when ``torch.distributed`` runs several processes
+    (ranks may hold different numbers of rows); the rows unchanged otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return index, values
+    world = dist.get_world_size()
+    count = torch.tensor([index.numel()], dtype=torch.int64, device=values.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    size = int(max(int(c) for c in counts))
+    padded_index = torch.full((size,), -1, dtype=torch.int64, device=values.device)
+    padded_index[: index.numel()] = index
+    padded_values = torch.zeros(size, values.shape[1], dtype=values.dtype, device=values.device)
+    padded_values[: values.shape[0]] = values
+    all_index = [torch.empty_like(padded_index) for _ in range(world)]
+    all_values = [torch.empty_like(padded_values) for _ in range(world)]
+    dist.all_gather(all_index, padded_index)
+    dist.all_gather(all_values, padded_values)
+    index, values = torch.cat(all_index), torch.cat(all_values)
+    keep = index >= 0
+    return index[keep], values[keep]
 
 
 class NoReference(ReferenceStrategy):

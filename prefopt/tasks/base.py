@@ -2,35 +2,57 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from prefopt.policy import PreferencePolicy
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(DistributedSampler):
     """A shuffle whose order depends only on ``(seed, epoch)``.
 
     Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed from a checkpoint sees
     the same order in its remaining epochs as an uninterrupted run.
+
+    Under ``torch.distributed`` (``trainer=ddp``/``fsdp``) rank ``r`` of ``W`` takes positions ``r, r + W, ...``
+    of that order (padded with its first positions, as ``DistributedSampler`` does, so every rank gets as many
+    examples): ``W`` ranks with batch ``B`` step through the same examples as one process with batch ``W * B``.
+    It is a ``DistributedSampler`` only so that Lightning keeps it instead of wrapping it in a sampler that
+    reshuffles; the rank and world size are read when iterating, after the process group exists.
     """
 
-    def __init__(self, size: int, seed: int = 0):
+    def __init__(self, size: int, seed: int = 0):  # DistributedSampler.__init__ would need the process group
         self.size, self.seed, self.epoch = size, seed, 0
+
+    @property
+    def num_replicas(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        world = self.num_replicas
+        if world == 1:
+            return iter(order)
+        total = len(self) * world
+        order = (order * (total // max(self.size, 1) + 1))[:total]  # pad: repeat the start of the order
+        return iter(order[self.rank:total:world])
 
     def __len__(self) -> int:
-        return self.size
+        return math.ceil(self.size / self.num_replicas)
 
 
 class Task(ABC):
