@@ -233,6 +233,36 @@ def test_latent_space_uses_the_scaled_vae_mean():
     assert images_out.shape == (2, 3, 16, 16) and images_out.abs().max() <= 1
 
 
+def test_a_shared_caption_is_encoded_once_per_pair():
+    class CountingEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.calls = torch.nn.Embedding(10, 16), []
+
+        def forward(self, input_ids):
+            self.calls.append(input_ids.shape[0])
+            return (self.embed(input_ids),)
+
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=4)
+    encoder = CountingEncoder()
+    policy = DiffusionPolicy(unet, DDPMScheduler(num_train_timesteps=100), text_encoder=encoder)
+    batch = {**{k: v for k, v in pair_batch(b=3).items() if k != "class_labels"},
+             "input_ids": torch.randint(0, 10, (3, 5))}
+    samples = concatenate_pairs(batch)
+    draw = policy.draw(samples, torch.Generator().manual_seed(0))
+    assert encoder.calls == [3] and draw.conditioning["encoder_hidden_states"].shape == (6, 5, 16)
+    with torch.no_grad():
+        expected = encoder.embed(samples["input_ids"])
+    torch.testing.assert_close(draw.conditioning["encoder_hidden_states"], expected)
+    assert policy.log_likelihood(unet, samples, draw).shape == (6,)
+
+
 # ---------------------------------------------------------------------------------------- rewards
 def test_rewards_by_hand():
     from prefopt.tasks.diffusion.rewards import compressibility, ink, jpeg_compressibility, thickness

@@ -56,6 +56,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SAMPLERS = ("ddim", "ddpm")
 #: diffusers' attention projections: what ``reference=adapter`` wraps in LoRA by default
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+_CONDITIONING_INPUTS = ("class_labels", "encoder_hidden_states", "input_ids")
 
 
 @dataclass
@@ -204,7 +205,16 @@ class DiffusionPolicy(PreferencePolicy):
             noise = torch.randn((half, *shape), generator=generator)
         timesteps = timesteps.repeat(2).to(x0.device)
         noise = noise.repeat(2, *([1] * len(shape))).to(device=x0.device, dtype=x0.dtype)
-        return DiffusionDraw(timesteps, noise, x0, self.conditioning(samples))
+        return DiffusionDraw(timesteps, noise, x0, self._pair_conditioning(samples, half))
+
+    def _pair_conditioning(self, samples: Mapping[str, Any], half: int) -> dict[str, torch.Tensor]:
+        """:meth:`conditioning`, computed once per pair when both rows of every pair share it (a caption
+        encoded once, not twice), else per row."""
+        inputs = {k: v for k, v in samples.items() if k in _CONDITIONING_INPUTS and torch.is_tensor(v)}
+        if not inputs or not all(torch.equal(v[:half], v[half:]) for v in inputs.values()):
+            return self.conditioning(samples)
+        cond = self.conditioning({k: v[:half] for k, v in inputs.items()})
+        return {k: torch.cat([v, v]) for k, v in cond.items()}
 
     # ----------------------------------------------------------------------------- likelihood
     def log_likelihood(self, network: nn.Module, samples: Mapping[str, Any], draw: Any = None) -> torch.Tensor:
@@ -214,7 +224,9 @@ class DiffusionPolicy(PreferencePolicy):
         cond = draw.conditioning if draw.conditioning is not None else self.conditioning(samples)
         timesteps, noise = draw.timesteps.to(x0.device), draw.noise.to(device=x0.device, dtype=x0.dtype)
         noisy = self.scheduler.add_noise(x0, noise, timesteps)
-        prediction = _output(network(noisy, timesteps, **cond))
+        dtype = _dtype(network)  # e.g. a half-precision UNet: inputs in its dtype, the error in float32
+        cond = {k: _cast(v, dtype) for k, v in cond.items()}
+        prediction = _output(network(noisy.to(dtype), timesteps, **cond))
         error = (prediction.float() - self.target(x0, noise, timesteps).float()) ** 2
         return -self.likelihood_scale * error.mean(dim=tuple(range(1, error.ndim)))
 
@@ -229,19 +241,21 @@ class DiffusionPolicy(PreferencePolicy):
     def generate(self, noise: torch.Tensor, conditioning: Mapping[str, torch.Tensor] | None = None,
                  network: nn.Module | None = None, num_inference_steps: int = 25, guidance_scale: float = 1.0,
                  negative_conditioning: Mapping[str, torch.Tensor] | None = None, batch_size: int = 256,
-                 generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+                 seed: int | None = None, progress: bool = False) -> torch.Tensor:
         """Images (``[-1, 1]``, decoded when there is a VAE) from the initial ``noise`` ``[N, *x0 shape]``.
 
         With the default DDIM sampler (``eta = 0``) the result is a deterministic function of ``noise``
         and the conditioning, so two networks given the same noise produce comparable images.
         ``guidance_scale > 1`` applies classifier-free guidance against ``negative_conditioning``
-        (e.g. the encoding of the empty prompt), which must then be given.
+        (e.g. the encoding of the empty prompt), which must then be given. ``seed`` seeds the noise that a
+        stochastic sampler (``ddpm``, or DDIM with ``eta > 0``) adds along the way.
         """
         network = self.network if network is None else network
         conditioning = dict(conditioning or {})
         if guidance_scale != 1.0 and negative_conditioning is None:
             raise PrefoptError(f"guidance_scale={guidance_scale} needs negative_conditioning (e.g. the empty prompt)")
-        device = next(network.parameters()).device
+        device, dtype = next(network.parameters()).device, _dtype(network)
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         sampler = self.make_sampler()
         sampler.set_timesteps(int(num_inference_steps), device=device)
         chunks = []
@@ -253,20 +267,31 @@ class DiffusionPolicy(PreferencePolicy):
             for start in starts:
                 stop = start + batch_size
                 x = noise[start:stop].to(device) * sampler.init_noise_sigma
-                cond = {k: v[start:stop].to(device) for k, v in conditioning.items()}
-                neg = ({k: v[start:stop].to(device) for k, v in negative_conditioning.items()}
+                cond = {k: _cast(v[start:stop].to(device), dtype) for k, v in conditioning.items()}
+                neg = ({k: _cast(v[start:stop].to(device), dtype) for k, v in negative_conditioning.items()}
                        if guidance_scale != 1.0 else None)
                 for t in sampler.timesteps:
-                    model_in = sampler.scale_model_input(x, t)
+                    model_in = sampler.scale_model_input(x, t).to(dtype)
                     if neg is None:
                         pred = _output(network(model_in, t, **cond))
                     else:
                         both = {k: torch.cat([neg[k], cond[k]]) for k in cond}
                         uncond, text = _output(network(torch.cat([model_in, model_in]), t, **both)).chunk(2)
                         pred = uncond + guidance_scale * (text - uncond)
-                    x = sampler.step(pred, t, x, generator=generator).prev_sample
+                    x = sampler.step(pred.float(), t, x, generator=generator).prev_sample
                 chunks.append(self.decode(x))
         return torch.cat(chunks)
+
+
+def _cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return value.to(dtype) if value.is_floating_point() else value
+
+
+def _dtype(network: nn.Module) -> torch.dtype:
+    for parameter in network.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
 
 
 def _output_hidden(out) -> torch.Tensor:

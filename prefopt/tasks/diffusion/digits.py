@@ -59,7 +59,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_schedule": "squaredcos_cap_v2",
     "prediction_type": "epsilon",
-    "steps": 1500,
+    "steps": 1000,
     "batch_size": 128,
     "lr": 2.0e-3,
     "ema_decay": 0.995,
@@ -303,8 +303,8 @@ class DigitsDiffusionTask(Task):
 
         def build():
             noise = self._noise(2 * n, stream=1 + round_index)
-            images = policy.generate(noise, {"class_labels": labels.repeat(2)},
-                                     num_inference_steps=self.sample_steps, progress=True)
+            images = policy.generate(noise, {"class_labels": labels.repeat(2)}, num_inference_steps=self.sample_steps,
+                                     seed=self.seed * 1_000_003 + 1 + round_index, progress=True)
             return {"first": images[:n], "second": images[n:], "labels": labels}
 
         if round_index > 0:  # later rounds sample from the current policy: nothing to reuse
@@ -332,9 +332,9 @@ class DigitsDiffusionTask(Task):
         labels = torch.arange(NUM_CLASSES).repeat_interleave(self.eval_per_class)
         noise = self._noise(n, stream=1_000_000)  # the same noise and classes for both models
         cond = {"class_labels": labels}
-        ref_images = reference.generate(noise, cond, num_inference_steps=self.sample_steps, progress=True)
-        pol_images = policy.generate(noise, cond, network=policy.network, num_inference_steps=self.sample_steps,
-                                     progress=True)
+        steps = self.sample_steps
+        ref_images = reference.generate(noise, cond, num_inference_steps=steps, seed=self.seed, progress=True)
+        pol_images = policy.generate(noise, cond, num_inference_steps=steps, seed=self.seed, progress=True)
         ref_eval, pol_eval = self.eval_reward(ref_images, labels), self.eval_reward(pol_images, labels)
         ref_train, pol_train = self.train_reward(ref_images, labels), self.train_reward(pol_images, labels)
         ref_acc, pol_acc = self.accuracy(ref_images, labels), self.accuracy(pol_images, labels)
@@ -361,7 +361,7 @@ class DigitsDiffusionTask(Task):
 
 
 def save_side_by_side(reference: torch.Tensor, policy: torch.Tensor, labels: torch.Tensor, per_class: int,
-                      path: Path, upscale: int = 4) -> None:
+                      path: Path, upscale: int = 6) -> None:
     """A PNG: one row per class, reference samples on the left, the policy's (same noise) on the right."""
     from torchvision.utils import make_grid, save_image
 

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from prefopt.adapters.diffusion import DiffusionPolicy
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.policy import concatenate_pairs, split_pairs
+from prefopt.reference import eval_mode
 from prefopt.tasks.bandit import mean_and_se
 from prefopt.tasks.base import Task
 from prefopt.tasks.diffusion.data import DATA_FORMATS, ImagePairs, load_pipeline, load_preference_images
@@ -62,7 +63,7 @@ class ImagePreferenceTask(Task):
                  resolution: int | None = None, max_pairs: int | None = None, val_fraction: float = 0.1,
                  batch_size: int = 4, num_samples: int = 4, sample_steps: int = 25, guidance_scale: float = 5.0,
                  eval_draws: int = 4, eval_reward: str | None = None, draw: str = "auto", reference: str = "copy",
-                 likelihood_scale: float = 1.0, rounds: int = 1, seed: int = 0, cache_dir: str | None = None):
+                 likelihood_scale: float = 1.0, rounds: int = 1, seed: int = 0):
         check_choice("domain.task.data_format", data_format, DATA_FORMATS)
         check_choice("domain.task.draw", draw, DRAW_MODES)
         if eval_reward is not None:
@@ -83,7 +84,6 @@ class ImagePreferenceTask(Task):
         self.eval_draws, self.eval_reward = int(eval_draws), eval_reward
         self.fixed_draw = draw == "example" or (draw == "auto" and reference == "precomputed")
         self.likelihood_scale, self.seed, self.rounds = float(likelihood_scale), int(seed), 1
-        self.cache_dir = cache_dir
         self.tokenizer = None
         self._split_records = None
 
@@ -149,8 +149,6 @@ class ImagePreferenceTask(Task):
                 samples["seed"] = torch.cat([self._seeds(len(dataset), 1000 + k)[index]] * 2).to(device)
                 draw = policy.draw(samples)
                 for total, network in zip(totals, networks):
-                    from prefopt.reference import eval_mode
-
                     with eval_mode(network):
                         chosen, rejected = split_pairs(policy.log_likelihood(network, samples, draw).cpu())
                     total[index] += torch.stack([chosen, rejected], dim=1) / self.eval_draws
@@ -195,8 +193,8 @@ class ImagePreferenceTask(Task):
         noise = torch.randn((len(prompts), channels, size, size), generator=generator)
         kwargs = dict(num_inference_steps=self.sample_steps, guidance_scale=self.guidance_scale,
                       negative_conditioning=negative if self.guidance_scale != 1.0 else None)
-        ref_images = policy.generate(noise, cond, network=reference.network, **kwargs)
-        pol_images = policy.generate(noise, cond, network=policy.network, **kwargs)
+        ref_images = policy.generate(noise, cond, network=reference.network, seed=self.seed, **kwargs)
+        pol_images = policy.generate(noise, cond, network=policy.network, seed=self.seed, **kwargs)
         path = output_dir / f"samples_round{round_index}.png"
         save_side_by_side(ref_images.cpu(), pol_images.cpu(), torch.arange(len(prompts)), 1, path, upscale=1)
         out: dict[str, Any] = {"grid": path.name, "prompts": prompts}
