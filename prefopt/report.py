@@ -389,6 +389,8 @@ def plot_beta(sweep: Sweep, out_dir: Path, metrics: list[str]) -> list[Path]:
             ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
         if betas[0] > 0 and betas[-1] / betas[0] >= 10:
             ax.set_xscale("log")
+        ax.set_xticks(betas, [f"{b:g}" for b in betas])
+        ax.minorticks_off()
         ax.set_xlabel("beta")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} vs beta (mean ± s.e. over seeds)")
@@ -421,39 +423,40 @@ def read_curves(run: Run):
 
 
 def plot_curves(sweep: Sweep, out_dir: Path, metrics: Iterable[str] = CURVE_METRICS) -> list[Path]:
-    """Training curves (from the CSV logs), one line per configuration: the mean over its seeds."""
+    """Training curves (from the CSV logs), one line per configuration: the mean over its seeds. When the
+    sweep varies the loss, each loss type gets its own panel (their scales differ)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    curves = {}
-    for index, group in enumerate(sweep.groups):
-        label = ", ".join(f"{k}={v}" for k, v in group.config.items()) or "all runs"
+    panel_key = "loss" if "loss" in sweep.varying else None
+    curves: dict[str, dict[str, Any]] = {}
+    for group in sweep.groups:
         frames = [f for f in (read_curves(r) for r in group.ok) if f is not None]
-        if frames:
-            curves[label] = pd.concat(frames, ignore_index=True)
+        if not frames:
+            continue
+        panel = f"{panel_key}={group.config[panel_key]}" if panel_key else ""
+        label = ", ".join(f"{k}={v}" for k, v in group.config.items() if k != panel_key) or "all runs"
+        curves.setdefault(panel, {})[label] = pd.concat(frames, ignore_index=True)
     written = []
     for metric in metrics:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        drawn = False
-        for label, frame in curves.items():
-            if metric not in frame:
-                continue
-            mean = frame[["step", metric]].dropna().groupby("step")[metric].mean()
-            if len(mean):
-                ax.plot(mean.index, mean.values, label=label, linewidth=1.2,
-                        marker="o" if len(mean) < 3 else None)
-                drawn = True
-        if not drawn:
-            plt.close(fig)
+        panels = {p: {label: frame for label, frame in lines.items() if metric in frame} for p, lines in curves.items()}
+        panels = {p: lines for p, lines in panels.items() if lines}
+        if not panels:
             continue
-        ax.set_xlabel("step")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} (mean over seeds)")
-        if len(curves) <= 12:
-            ax.legend(fontsize=7)
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1, 3.8), squeeze=False)
+        for ax, (panel, lines) in zip(axes[0], panels.items()):
+            for label, frame in lines.items():
+                mean = frame[["step", metric]].dropna().groupby("step")[metric].mean()
+                ax.plot(mean.index, mean.values, label=label, linewidth=1.2, marker="o" if len(mean) < 3 else None)
+            ax.set_xlabel("step")
+            ax.set_title(f"{panel} (mean over seeds)" if panel else "mean over seeds", fontsize=10)
+            if len(lines) <= 12:
+                ax.legend(fontsize=7)
+        axes[0][0].set_ylabel(metric)
+        fig.suptitle(metric)
         path = out_dir / f"curves_{_safe_name(metric)}.png"
         _save_figure(fig, path)
         plt.close(fig)
