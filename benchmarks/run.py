@@ -1,0 +1,342 @@
+"""``python -m benchmarks``: prefopt's training step against TRL, the Diffusion-DPO script, a hand-written loop.
+
+Runs five benchmarks (CPU by default, the GPU when one is present), writes one JSON file and prints a
+Markdown table. See docs/performance.md for the method and the measured results.
+
+1. ``trl``: TRL ``DPOTrainer`` vs prefopt on the same tiny GPT-2, pairs, beta, sigmoid loss, frozen copy.
+2. ``diffusion_script``: the ``train_diffusion_dpo.py`` step as a plain loop vs prefopt on the same LoRA UNet.
+3. ``overhead``: prefopt through Lightning vs a hand-written loop of the same math, per domain.
+4. ``reference``: ``copy`` / ``adapter`` / ``precomputed`` / ``none`` on the diffusion and sequence domains.
+5. ``scaling``: prefopt's step time against batch size, sequence length and image size; log-log exponent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from benchmarks import common, setups, trl_runner
+
+FULL = dict(repeats=3, steps=3, warmup=1, memory_steps=3,
+            seq=dict(vocab=512, layers=4, width=256, prompt=16, completion=48, batch=16, batches=4),
+            diff=dict(size=16, width=32, batch=8, batches=4),
+            ctrl=dict(batch=64, horizon=50, hidden=(256, 256), batches=4),
+            scale=dict(repeats=2, seq_batch=[2, 4, 8, 16], seq_len=[16, 32, 64, 128], diff_batch=[2, 4, 8, 16],
+                       diff_size=[8, 16, 24, 32]))
+SMOKE = dict(repeats=1, steps=1, warmup=0, memory_steps=2,
+             seq=dict(vocab=64, layers=1, width=32, prompt=4, completion=8, batch=2, batches=2),
+             diff=dict(size=8, width=8, batch=2, batches=2),
+             ctrl=dict(batch=4, horizon=5, hidden=(16, 16), batches=2),
+             scale=dict(repeats=1, seq_batch=[1, 2], seq_len=[4, 8], diff_batch=[1, 2], diff_size=[8, 16]))
+
+SEQ_BETA, DIFF_BETA = 0.1, 2500.0
+TARGETS = {"trl": 1.0, "diffusion_script": 1.0, "overhead": 1.05, "precomputed": 0.75, "scaling": 1.1}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Bench:
+    """Runs comparisons and remembers which variants still need a peak-memory run."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.memory_jobs: list[tuple[dict, Callable[[], Any]]] = []
+
+    def compare(self, title: str, factories: dict[str, Callable[[], Any]], baseline: str, memory: bool = True):
+        log(f"{title}: timing {', '.join(factories)}")
+        runners = {name: make() for name, make in factories.items()}
+        out = common.compare(runners, baseline, self.cfg["repeats"], self.cfg["steps"], self.cfg["warmup"], log)
+        for runner in runners.values():
+            getattr(runner, "close", lambda: None)()
+        del runners
+        gc.collect()
+        if memory:
+            for name, make in factories.items():
+                out[name]["peak_mib"] = None
+                self.memory_jobs.append((out[name], make))
+        return out
+
+    def run_memory(self) -> None:
+        common.enter_memory_mode()
+        for i, (slot, make) in enumerate(self.memory_jobs):
+            log(f"peak memory {i + 1}/{len(self.memory_jobs)}")
+            runner = make()
+            gc.collect()
+            slot["peak_mib"] = common.peak_memory(lambda: runner.run(self.cfg["memory_steps"]))
+            getattr(runner, "close", lambda: None)()
+            del runner
+            gc.collect()
+
+
+# --------------------------------------------------------------------------------------- 1. TRL
+def seq_setup(c: dict, batch: int | None = None, completion: int | None = None):
+    batch = batch or c["batch"]
+    completion = completion or c["completion"]
+    tokens = setups.sequence_tokens(batch * c["batches"], c["prompt"], completion, c["vocab"])
+    model = setups.gpt2(c["vocab"], c["layers"], c["width"], c["prompt"] + completion)
+    return tokens, model, batch
+
+
+def bench_trl(b: Bench) -> dict:
+    c = b.cfg["seq"]
+    if not trl_runner.available():
+        return {"status": "skipped", "reason": "trl (or tokenizers) is not importable: pip install -e '.[bench]'"}
+    import trl
+
+    tokens, model, batch = seq_setup(c)
+    pairs = setups.sequence_pairs(*tokens)
+    loss = {"loss_type": "sigmoid", "beta": SEQ_BETA}
+    factories = {
+        "trl": lambda: trl_runner.TRLRunner(_clone(model), *tokens, vocab=c["vocab"], batch_size=batch,
+                                            beta=SEQ_BETA, weight_decay=0.0),
+        "prefopt": lambda: setups.LightningRunner(setups.sequence_policy(_clone(model)), pairs, batch, loss,
+                                                  "copy", weight_decay=0.0),
+    }
+    probe = factories["trl"]()
+    lengths = probe.lengths
+    probe.close()
+    del probe
+    out = b.compare("trl", factories, baseline="trl")
+    ratio = out["prefopt"]["ratio"]
+    return {"status": "ok", "trl_version": trl.__version__, "trl_token_lengths": lengths, "variants": out,
+            "ratio": ratio, "target": TARGETS["trl"], "goal": 0.8, "met": ratio <= TARGETS["trl"]}
+
+
+def _clone(model):
+    twin = type(model)(model.config) if hasattr(model, "config") and hasattr(model, "save_pretrained") else None
+    if twin is None:
+        import copy
+        return copy.deepcopy(model)
+    twin.load_state_dict(model.state_dict())
+    return twin.float()
+
+
+# --------------------------------------------------------------------------- 2. Diffusion-DPO script
+def bench_diffusion_script(b: Bench) -> dict:
+    import copy
+
+    c = b.cfg["diff"]
+    net = setups.unet(c["size"], c["width"])
+    pairs = setups.diffusion_pairs(c["batch"] * c["batches"], c["size"], with_seed=False)
+    loss = {"loss_type": "sigmoid", "beta": DIFF_BETA}
+    factories = {
+        "script": lambda: setups.DiffusionScriptLoop(copy.deepcopy(net), pairs, c["batch"], DIFF_BETA),
+        "prefopt": lambda: setups.LightningRunner(setups.diffusion_policy(copy.deepcopy(net)), pairs, c["batch"],
+                                                  loss, {"name": "adapter", "rank": setups.LORA_RANK}),
+    }
+    out = b.compare("diffusion_script", factories, baseline="script")
+    ratio = out["prefopt"]["ratio"]
+    return {"status": "ok", "variants": out, "ratio": ratio, "target": TARGETS["diffusion_script"],
+            "met": ratio <= TARGETS["diffusion_script"]}
+
+
+# ------------------------------------------------------------------------------------ 3. overhead
+def bench_overhead(b: Bench) -> dict:
+    import copy
+
+    results = {}
+    s, d, k = b.cfg["seq"], b.cfg["diff"], b.cfg["ctrl"]
+    tokens, gpt, batch = seq_setup(s)
+    seq_pairs = setups.sequence_pairs(*tokens)
+    net = setups.unet(d["size"], d["width"])
+    diff_pairs = setups.diffusion_pairs(d["batch"] * d["batches"], d["size"])
+    ctrl = setups.control_network(hidden=k["hidden"])
+    ctrl_pairs = setups.control_pairs(k["batch"] * k["batches"], k["horizon"])
+    domains = {
+        # name: (policy factory, pairs, batch size, loss, reference)
+        "control": (lambda: setups.control_policy(copy.deepcopy(ctrl)), ctrl_pairs, k["batch"],
+                    {"loss_type": "sigmoid", "beta": 0.1}, "copy"),
+        "diffusion": (lambda: setups.diffusion_policy(copy.deepcopy(net)), diff_pairs, d["batch"],
+                      {"loss_type": "sigmoid", "beta": DIFF_BETA}, "adapter"),
+        "sequence": (lambda: setups.sequence_policy(_clone(gpt)), seq_pairs, batch,
+                     {"loss_type": "sigmoid", "beta": SEQ_BETA}, "copy"),
+    }
+    for name, (policy, pairs, size, loss, ref) in domains.items():
+        lightning_ref = ref if ref == "copy" else {"name": "adapter", "rank": setups.LORA_RANK}
+        factories = {
+            "hand_loop": lambda policy=policy, pairs=pairs, size=size, loss=loss, ref=ref:
+                setups.HandLoop(policy(), pairs, size, loss, ref),
+            "prefopt": lambda policy=policy, pairs=pairs, size=size, loss=loss, lref=lightning_ref:
+                setups.LightningRunner(policy(), pairs, size, loss, lref),
+        }
+        out = b.compare(f"overhead/{name}", factories, baseline="hand_loop")
+        ratio = out["prefopt"]["ratio"]
+        results[name] = {"reference": ref, "variants": out, "ratio": ratio, "target": TARGETS["overhead"],
+                         "met": ratio <= TARGETS["overhead"]}
+    return results
+
+
+# --------------------------------------------------------------------------- 4. reference strategies
+def bench_reference(b: Bench) -> dict:
+    import copy
+
+    results = {}
+    s, d = b.cfg["seq"], b.cfg["diff"]
+    tokens, gpt, batch = seq_setup(s)
+    seq_pairs = setups.sequence_pairs(*tokens)
+    net = setups.unet(d["size"], d["width"])
+    diff_pairs = setups.diffusion_pairs(d["batch"] * d["batches"], d["size"])
+    domains = {
+        "diffusion": (lambda: setups.diffusion_policy(copy.deepcopy(net)), diff_pairs, d["batch"], DIFF_BETA, net),
+        "sequence": (lambda: setups.sequence_policy(_clone(gpt)), seq_pairs, batch, SEQ_BETA, gpt),
+    }
+    for name, (policy, pairs, size, beta, bare) in domains.items():
+        factories = {}
+        for ref in ("copy", "adapter", "precomputed", "none"):
+            loss = {"loss_type": "cpl" if ref == "none" else "sigmoid", "beta": beta}
+            reference = {"name": "adapter", "rank": setups.LORA_RANK} if ref == "adapter" else ref
+            factories[ref] = (lambda policy=policy, pairs=pairs, size=size, loss=loss, reference=reference:
+                              setups.LightningRunner(policy(), pairs, size, loss, reference))
+        out = b.compare(f"reference/{name}", factories, baseline="copy")
+        policy_mib = common.tensor_bytes(bare) / 2**20
+        for ref, make in factories.items():
+            runner = make()
+            out[ref]["param_mib"] = common.tensor_bytes(runner.module) / 2**20
+            out[ref]["param_ratio_vs_policy"] = out[ref]["param_mib"] / policy_mib
+            del runner
+        gc.collect()
+        pre = out["precomputed"]["ratio"]
+        results[name] = {"variants": out, "policy_param_mib": policy_mib,
+                         "precomputed_ratio": pre, "precomputed_target": TARGETS["precomputed"],
+                         "precomputed_met": pre <= TARGETS["precomputed"],
+                         "adapter_extra_param_mib": out["adapter"]["param_mib"] - policy_mib,
+                         # LoRA's own factors are the only addition: no second copy of the weights (<= 10%)
+                         "adapter_met": out["adapter"]["param_mib"] <= 1.1 * policy_mib}
+    return results
+
+
+# ------------------------------------------------------------------------------------ 5. scaling
+def bench_scaling(b: Bench) -> dict:
+    import copy
+
+    s, d, sc = b.cfg["seq"], b.cfg["diff"], b.cfg["scale"]
+    saved = b.cfg["repeats"]
+    b.cfg["repeats"] = sc["repeats"]
+    results = {}
+    seq_loss = {"loss_type": "sigmoid", "beta": SEQ_BETA}
+    diff_loss = {"loss_type": "sigmoid", "beta": DIFF_BETA}
+
+    def seq_runner(batch=None, completion=None):
+        tokens, gpt, size = seq_setup(s, batch=batch, completion=completion)
+        return setups.LightningRunner(setups.sequence_policy(gpt), setups.sequence_pairs(*tokens), size, seq_loss)
+
+    def diff_runner(batch, size):
+        net = setups.unet(size, d["width"])
+        pairs = setups.diffusion_pairs(batch * d["batches"], size)
+        return setups.LightningRunner(setups.diffusion_policy(copy.deepcopy(net)), pairs, batch, diff_loss,
+                                      {"name": "adapter", "rank": setups.LORA_RANK})
+
+    axes = {
+        # name: (sizes, runner factory, the size the step should be linear in)
+        "sequence_batch": (sc["seq_batch"], lambda n: seq_runner(batch=n), lambda n: n),
+        "sequence_length": (sc["seq_len"], lambda n: seq_runner(completion=n), lambda n: n + s["prompt"]),
+        "diffusion_batch": (sc["diff_batch"], lambda n: diff_runner(n, d["size"]), lambda n: n),
+        "diffusion_image": (sc["diff_size"], lambda n: diff_runner(d["batch"], n), lambda n: n * n),
+    }
+    for name, (sizes, make, work) in axes.items():
+        factories = {str(n): (lambda n=n: make(n)) for n in sizes}
+        out = b.compare(f"scaling/{name}", factories, baseline=str(sizes[0]), memory=False)
+        seconds = [out[str(n)]["seconds_per_step"] for n in sizes]
+        units = [work(n) for n in sizes]
+        exponent = common.fit_exponent(units, seconds)
+        results[name] = {"sizes": sizes, "work_units": units, "seconds_per_step": seconds, "exponent": exponent,
+                         "target": TARGETS["scaling"], "met": exponent <= TARGETS["scaling"]}
+    b.cfg["repeats"] = saved
+    return results
+
+
+BENCHMARKS = {"trl": bench_trl, "diffusion_script": bench_diffusion_script, "overhead": bench_overhead,
+              "reference": bench_reference, "scaling": bench_scaling}
+
+
+# --------------------------------------------------------------------------------------- table
+def _fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def table(results: dict) -> str:
+    rows = ["| benchmark | variant | ms/step | ratio | peak MiB | target | met |",
+            "|---|---|---:|---:|---:|---|---|"]
+
+    def add(bench, variants, baseline, target_text="", met=None, ratio_key=None):
+        for name, v in variants.items():
+            is_candidate = name != baseline and (ratio_key is None or name == ratio_key)
+            rows.append(f"| {bench} | {name}{' (baseline)' if name == baseline else ''} | "
+                        f"{v['seconds_per_step'] * 1e3:.1f} | {v['ratio']:.3f} | {_fmt(v.get('peak_mib'), '.1f')} | "
+                        f"{target_text if is_candidate else ''} | {'' if not is_candidate or met is None else ('yes' if met else 'NO')} |")
+
+    bm = results["benchmarks"]
+    if "trl" in bm:
+        r = bm["trl"]
+        if r["status"] == "ok":
+            add("1 TRL DPOTrainer", r["variants"], "trl", "<= 1.0 (goal 0.8)", r["met"])
+        else:
+            rows.append(f"| 1 TRL DPOTrainer | skipped: {r['reason']} | | | | | |")
+    if "diffusion_script" in bm:
+        r = bm["diffusion_script"]
+        v = r["variants"]
+        mem_ok = None if v["prefopt"].get("peak_mib") is None else v["prefopt"]["peak_mib"] <= v["script"]["peak_mib"]
+        add("2 Diffusion-DPO script", v, "script",
+            "<= 1.0, peak <= script" + ("" if mem_ok is None else f" (peak {'ok' if mem_ok else 'NOT ok'})"),
+            r["met"])
+    for name, r in bm.get("overhead", {}).items():
+        add(f"3 overhead {name} ({r['reference']})", r["variants"], "hand_loop", "<= 1.05", r["met"])
+    for name, r in bm.get("reference", {}).items():
+        v = r["variants"]
+        add(f"4 reference {name}", v, "copy", "precomputed <= 0.75", r["precomputed_met"], ratio_key="precomputed")
+        rows.append(f"| 4 reference {name} | parameter MiB: policy alone {r['policy_param_mib']:.2f}; "
+                    + "; ".join(f"{k} {v[k]['param_mib']:.2f}" for k in v) + " | | | | adapter adds no parameter "
+                    f"memory | {'yes' if r['adapter_met'] else 'NO'} "
+                    f"(+{r['adapter_extra_param_mib']:.3f} MiB LoRA) |")
+    for name, r in bm.get("scaling", {}).items():
+        steps = ", ".join(f"{n}: {t * 1e3:.1f}" for n, t in zip(r["sizes"], r["seconds_per_step"]))
+        rows.append(f"| 5 scaling {name} | ms/step by size: {steps} | | exponent {r['exponent']:.2f} | | <= 1.1 | "
+                    f"{'yes' if r['met'] else 'NO'} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (the test suite runs this)")
+    parser.add_argument("--out", default="benchmark-results.json", help="JSON file of results")
+    parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), help="run only these benchmarks")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads; default 1 on CPU (stable figures on a shared machine), "
+                             "torch's default on GPU")
+    args = parser.parse_args(argv)
+    threads = args.threads or (None if torch.cuda.is_available() else 1)
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = {**(SMOKE if args.smoke else FULL)}
+    cfg = json.loads(json.dumps(cfg))  # a private copy
+    bench = Bench(cfg)
+    results: dict[str, Any] = {"mode": "smoke" if args.smoke else "full", "machine": common.machine(),
+                               "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
+                               "settings": cfg, "targets": TARGETS, "benchmarks": {}}
+    for name in args.only or list(BENCHMARKS):
+        torch.manual_seed(0)
+        results["benchmarks"][name] = BENCHMARKS[name](bench)
+    if not args.no_memory:
+        bench.run_memory()
+    results["peak_memory_method"] = ("cuda max_memory_allocated above the allocation before the steps"
+                                     if torch.cuda.is_available() else
+                                     "CPU: peak resident set (VmHWM, reset via /proc/self/clear_refs) above the "
+                                     "resident set before the steps, glibc mmap threshold fixed at 64 KiB")
+    results["table"] = table(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out)
+    print(results["table"])
+    return results

@@ -1,0 +1,84 @@
+"""The benchmark command's smoke mode writes a JSON file with every benchmark's keys (timings never asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fit_exponent_recovers_a_power_law():
+    from benchmarks.common import fit_exponent
+
+    sizes = [2, 4, 8, 16]
+    assert fit_exponent(sizes, [3.0 * s ** 1.5 for s in sizes]) == pytest.approx(1.5)
+    assert fit_exponent(sizes, [0.2 * s for s in sizes]) == pytest.approx(1.0)
+
+
+def test_trl_benchmark_is_skipped_when_trl_is_missing(monkeypatch):
+    from benchmarks import run, trl_runner
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl now raises ImportError
+    assert not trl_runner.available()
+    result = run.bench_trl(run.Bench(json.loads(json.dumps(run.SMOKE))))
+    assert result["status"] == "skipped" and "trl" in result["reason"]
+    table = run.table({"benchmarks": {"trl": result}})
+    assert "skipped" in table
+
+
+def test_smoke_run_writes_every_benchmark(tmp_path):
+    out = tmp_path / "results.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert results["mode"] == "smoke"
+    assert {"machine", "settings", "targets", "table", "benchmarks", "peak_memory_method"} <= set(results)
+    bench = results["benchmarks"]
+    assert set(bench) == {"trl", "diffusion_script", "overhead", "reference", "scaling"}
+    assert "| benchmark |" in proc.stdout and proc.stdout.strip().endswith("|")
+
+    trl = bench["trl"]
+    try:
+        import trl as _  # noqa: F401
+        has_trl = True
+    except Exception:
+        has_trl = False
+    if has_trl:
+        assert trl["status"] == "ok"
+        assert set(trl["variants"]) == {"trl", "prefopt"}
+        assert {"ratio", "target", "met", "trl_version"} <= set(trl)
+    else:
+        assert trl["status"] == "skipped"
+
+    def check_variants(variants, names, memory=True):
+        assert set(variants) == set(names)
+        for v in variants.values():
+            assert v["seconds_per_step"] > 0 and v["ratio"] > 0 and len(v["repeats"]) == 1
+            if memory:
+                assert "peak_mib" in v
+
+    check_variants(bench["diffusion_script"]["variants"], {"script", "prefopt"})
+    assert bench["diffusion_script"]["variants"]["script"]["ratio"] == 1.0
+    assert set(bench["overhead"]) == {"control", "diffusion", "sequence"}
+    for domain in bench["overhead"].values():
+        check_variants(domain["variants"], {"hand_loop", "prefopt"})
+    assert set(bench["reference"]) == {"diffusion", "sequence"}
+    for domain in bench["reference"].values():
+        check_variants(domain["variants"], {"copy", "adapter", "precomputed", "none"})
+        v = domain["variants"]
+        # a frozen copy doubles the parameters; the adapter keeps one copy plus its LoRA factors
+        assert v["copy"]["param_mib"] == pytest.approx(2 * domain["policy_param_mib"], rel=0.01)
+        assert domain["policy_param_mib"] < v["adapter"]["param_mib"] < v["copy"]["param_mib"]
+        assert {"precomputed_ratio", "precomputed_met", "adapter_extra_param_mib", "adapter_met"} <= set(domain)
+    assert set(bench["scaling"]) == {"sequence_batch", "sequence_length", "diffusion_batch", "diffusion_image"}
+    for axis in bench["scaling"].values():
+        assert len(axis["sizes"]) == len(axis["seconds_per_step"]) >= 2
+        assert isinstance(axis["exponent"], float)
