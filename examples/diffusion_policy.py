@@ -20,7 +20,7 @@ observation), and gives it a small MLP denoiser instead of a UNet. Everything el
     PREFOPT_EXAMPLE_FAST=1 python examples/diffusion_policy.py        # fewer evaluation episodes (the tests)
 
 The fast mode trains the same thing and only evaluates on fewer episodes; a run with more pairs and
-epochs (1024 pairs, 10 epochs) was measured *worse* than its reference (-796 vs -777): Diffusion-DPO on
+epochs (1024 pairs, 10 epochs, a longer-cloned base) was measured *worse* than its reference (-796 vs -777): Diffusion-DPO on
 this surrogate over-fits quickly, so keep beta, the learning rate and the number of epochs small.
 """
 
