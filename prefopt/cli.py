@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -47,11 +48,18 @@ def config_dir() -> str:
 def _run(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from prefopt.train import atomic_write_text, train
 
     try:
         summary = train(cfg)
+    except SIGTERMException:  # Lightning stops after the current batch; the last complete epoch is saved
+        where = Path(cfg.paths.output_dir)
+        print(f"prefopt: interrupted by SIGTERM; {where / 'checkpoints' / 'last.ckpt'} holds the last complete "
+              f"epoch. Resume with: prefopt <the same options> hydra.run.dir={where} ckpt_path=last",
+              file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except PrefoptError as err:  # one clear line, no traceback soup
         print(f"prefopt: error: {err}", file=sys.stderr)
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -66,7 +74,16 @@ def _run(cfg: DictConfig) -> float | None:
     if metric:
         value = summary
         for part in str(metric).split("."):
+            if not isinstance(value, dict) or part not in value:
+                allowed = ", ".join(sorted(value)) if isinstance(value, dict) else "nothing (a number)"
+                print(f"prefopt: error: optimized_metric={metric!r}: summary.json has no {part!r} there; "
+                      f"found: {allowed}", file=sys.stderr)
+                raise SystemExit(2)
             value = value[part]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            print(f"prefopt: error: optimized_metric={metric!r} is {value!r} in summary.json; it must name a number",
+                  file=sys.stderr)
+            raise SystemExit(2)
         return float(value)
     return None
 

@@ -25,6 +25,15 @@ def _loss_types(loss_type) -> list[str]:
     return [loss_type] if isinstance(loss_type, str) else list(loss_type)
 
 
+def check_loss_reference(loss_type, reference_name: str) -> None:
+    """A loss that needs reference log-likelihoods cannot run with ``reference=none``."""
+    needs_ref = [t for t in _loss_types(loss_type) if t not in REFERENCE_FREE]
+    if reference_name == "none" and needs_ref:
+        raise PrefoptError(
+            f"loss_type {needs_ref} needs a reference model but reference=none; use reference=copy, "
+            f"adapter, precomputed or sync, or a reference-free loss ({', '.join(sorted(REFERENCE_FREE))})")
+
+
 class PreferenceModule(L.LightningModule):
     """Trains ``policy`` with a DPO-family loss against a reference.
 
@@ -57,11 +66,12 @@ class PreferenceModule(L.LightningModule):
         self.loss_kwargs = loss
         self.policy = policy
         self.reference = make_reference(reference)
-        needs_ref = [t for t in _loss_types(loss["loss_type"]) if t not in REFERENCE_FREE]
-        if self.reference.name == "none" and needs_ref:
+        check_loss_reference(loss["loss_type"], self.reference.name)
+        if self.reference.name == "sync" and getattr(policy.network, "peft_config", None):
             raise PrefoptError(
-                f"loss_type {needs_ref} needs a reference model but reference=none; use reference=copy, "
-                f"adapter, precomputed or sync, or a reference-free loss ({', '.join(sorted(REFERENCE_FREE))})")
+                f"reference=sync cannot be used with a peft (LoRA) network: {type(policy).__name__}.network is "
+                f"a {type(policy.network).__name__} with adapters, whose reference is its base with the adapters "
+                "disabled; use reference=adapter, or give sync a plain (un-wrapped) network")
         self.reference.attach(policy)
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
         self.scheduler_factory = scheduler
@@ -83,7 +93,13 @@ class PreferenceModule(L.LightningModule):
         return logps, ref, lengths
 
     def _shared_step(self, batch, stage: str, index: int):
-        logps, ref, lengths = self.pair_logps(batch, self._generator(stage, index))
+        try:
+            logps, ref, lengths = self.pair_logps(batch, self._generator(stage, index))
+        except ValueError as err:  # torch.distributions refuses NaN arguments before any logp exists
+            if "invalid values" not in str(err):
+                raise
+            self._check_finite(stage, index, batch, logps=torch.tensor(float("nan")))
+            return None
         policy_chosen, policy_rejected = split_pairs(logps)
         ref_chosen, ref_rejected = split_pairs(ref) if ref is not None else (None, None)
         chosen_len, rejected_len = split_pairs(lengths) if lengths is not None else (None, None)
@@ -104,23 +120,27 @@ class PreferenceModule(L.LightningModule):
                                                                        "rejected_lengths": chosen_len}).losses
                 losses = torch.where(tie, 0.5 * (losses + swapped), losses)
         loss = (losses * weights).sum() / weights.sum().clamp_min(1.0)
-        if not self._check_finite(stage, index, logps=logps, reference_logps=ref, loss=loss):
+        if not self._check_finite(stage, index, batch, logps=logps, reference_logps=ref, loss=loss):
             return None
         self._log_metrics(stage, loss, out, policy_chosen, policy_rejected, weights, batch_size=losses.shape[0])
         return loss
 
-    def _check_finite(self, stage, index, **terms) -> bool:
+    def _check_finite(self, stage, index, batch=None, **terms) -> bool:
         bad = [name for name, value in terms.items() if value is not None and not torch.isfinite(value).all()]
         if not bad:
             return True
         where = f"{stage} batch {index} (epoch {self.current_epoch}, step {self.global_step})"
+        inputs = [k for k, v in (batch or {}).items()
+                  if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if inputs:  # the data, not the weights
+            where += f"; the batch has NaN/inf in {', '.join(map(repr, inputs))}"
         if self.nonfinite == "skip" and stage == "train":
             self.print(f"prefopt: skipping {where}: non-finite {', '.join(bad)}")
             return False
         saved = ""
         if stage == "train" and self._trainer is not None:
             path = f"{self.trainer.default_root_dir}/nonfinite-last-good.ckpt"
-            self.trainer.save_checkpoint(path)
+            self.trainer.save_checkpoint(path, weights_only=False)  # the full state: a run can resume from it
             saved = f"; the last good state was saved to {path}"
         raise NonFiniteError(f"non-finite {', '.join(bad)} in {where}{saved}. Lower the learning rate or beta, "
                              "check the data for NaN/inf, or set nonfinite=skip to skip such batches")

@@ -42,6 +42,7 @@ its numpy formatter, which yields float32 (rewards included).
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -400,7 +401,7 @@ def _read_npz(p: Path) -> dict[str, Any]:
         data = np.load(p, allow_pickle=False)
     except ValueError as e:  # pickled / object content, or not an npz at all
         raise PrefoptError(f"{where}: cannot be read as a .npz archive without pickle ({e})") from None
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise PrefoptError(f"{where}: cannot be read as a .npz archive ({type(e).__name__}: {e})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise PrefoptError(f"{where}: holds a single array, not a .npz archive of named arrays")
@@ -411,6 +412,8 @@ def _read_npz(p: Path) -> dict[str, Any]:
                 out[key] = data[key]
             except ValueError as e:
                 raise PrefoptError(f"{where}: key {key!r} cannot be loaded without pickle ({e}); store numeric arrays") from None
+            except (OSError, EOFError, zipfile.BadZipFile) as e:  # e.g. a bad CRC: the file is damaged
+                raise PrefoptError(f"{where}: key {key!r} cannot be read ({type(e).__name__}: {e}); the file is damaged") from None
     return out
 
 

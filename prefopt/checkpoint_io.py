@@ -1,0 +1,170 @@
+"""Checkpoints that survive a kill and load without pickle, and logs that stay in step with them.
+
+* :class:`AtomicCheckpointIO` (wired into every trainer by ``conf/trainer/default.yaml``) writes a
+  checkpoint to a temporary file in the same folder, fsyncs it and renames it over the target, so a
+  kill during a write leaves the previous checkpoint intact, never half a file. It loads with
+  ``torch.load(weights_only=True)`` and turns a truncated or foreign file into one clear
+  :class:`~prefopt.errors.PrefoptError`.
+* :class:`KeepLogsWithCheckpoints` (added to every trainer by :func:`prefopt.train.build_trainer`)
+  flushes the loggers whenever a checkpoint is written, and, when a run resumes, puts back the CSV
+  rows logged before the checkpoint. Lightning's ``CSVLogger`` deletes an existing ``metrics.csv``
+  when it starts, so without this a resumed run would lose the rows of the first part of the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from prefopt.errors import PrefoptError
+
+log = logging.getLogger(__name__)
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> Path:
+    """A cheap check that ``path`` is a complete ``torch.save`` archive (its zip directory is intact).
+
+    A file cut short by a kill or a full disk loses the zip directory at its end, so this catches
+    it without reading the tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PrefoptError(f"checkpoint {path}: no such file")
+    if path.stat().st_size == 0:
+        raise PrefoptError(f"checkpoint {path}: is empty (0 bytes); it was not written completely. "
+                           "Resume from an earlier checkpoint, or start the run again without ckpt_path")
+    if not zipfile.is_zipfile(path):
+        raise PrefoptError(f"checkpoint {path}: is truncated or is not a torch checkpoint (no zip directory at "
+                           "its end). Resume from an earlier checkpoint, or start again without ckpt_path")
+    return path
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and say what to do."""
+    path = check_checkpoint_file(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused an object: the file needs full pickle
+        raise PrefoptError(
+            f"checkpoint {path}: holds objects that cannot be loaded without pickle "
+            f"(prefopt loads checkpoints with weights_only=True): {str(err).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise PrefoptError(f"checkpoint {path}: cannot be read ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else 'no details'}); it is damaged or was "
+                           "not written by torch.save. Resume from an earlier checkpoint") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a folder; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file in the target's folder, fsync, ``os.replace``; load weights only.
+
+    Lightning's own writer goes through a temporary file in the system temp folder and a move, which is
+    a copy (not atomic) when that folder is on another disk, and it does not fsync.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        _fsync_dir(path.parent)
+
+    def load_checkpoint(self, path, map_location: Optional[Callable] = lambda storage, loc: storage,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        if weights_only is False:
+            raise PrefoptError(f"checkpoint {path}: weights_only=False was asked for; prefopt loads checkpoints "
+                               "with weights_only=True only (no pickle)")
+        return load_checkpoint_file(path, map_location=map_location)
+
+
+# ----------------------------------------------------------------------------------------------- logs
+def _backup_path(metrics_file: Path) -> Path:
+    return metrics_file.with_name(metrics_file.name + ".before-resume")
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    """The complete rows of a CSV file; a last row cut short by a kill is dropped."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = [row for row in reader if None not in row.values() and None not in row]
+    return [row for row in rows if row.get("step", "") != ""]
+
+
+class KeepLogsWithCheckpoints(L.Callback):
+    """Flush the loggers with every checkpoint; on resume, keep the CSV rows logged before it.
+
+    ``resume_loggers``: the loggers of a trainer that is about to resume from a checkpoint. Here, before
+    ``fit`` (so before the CSV logger deletes ``metrics.csv``), each CSV logger's earlier rows are copied
+    to ``metrics.csv.before-resume``; once the checkpoint is restored, the rows of the steps before it
+    are written back and the copy is removed (a copy left by a resume that was itself interrupted is
+    used again). Rows of steps at or after the checkpoint, logged by the interrupted run after its last
+    checkpoint, are dropped: the resumed run logs those steps again.
+    """
+
+    def __init__(self, resume_loggers: Sequence[Logger] = ()):
+        self._pending: list[tuple[CSVLogger, list[dict[str, str]]]] = []
+        if rank_zero_only.rank != 0:
+            return
+        for logger in resume_loggers:
+            if not isinstance(logger, CSVLogger):
+                continue
+            metrics_file = Path(logger.log_dir) / "metrics.csv"
+            backup = _backup_path(metrics_file)
+            if not backup.is_file() and metrics_file.is_file():
+                tmp = backup.with_name(f"{backup.name}.tmp-{os.getpid()}")
+                tmp.write_bytes(metrics_file.read_bytes())
+                os.replace(tmp, backup)
+            if backup.is_file():
+                self._pending.append((logger, _read_rows(backup)))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the logs' "step" column counts batches that ended a step (skipped batches too), which is not always
+        # global_step; it is restored from the checkpoint by now
+        resumed_at = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        for logger, rows in self._pending:
+            kept = [row for row in rows if int(float(row["step"])) < resumed_at]
+            writer = logger.experiment  # the CSV writer; creating it deleted the old metrics.csv
+            writer.metrics[:0] = kept
+            writer.save()
+            _backup_path(Path(logger.log_dir) / "metrics.csv").unlink(missing_ok=True)
+            log.info("resumed at step %d: kept %d of %d earlier log rows in %s", resumed_at, len(kept), len(rows),
+                     logger.log_dir)
+        self._pending.clear()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # everything logged up to this checkpoint reaches the disk before the checkpoint does
+        for logger in trainer.loggers:
+            logger.save()
