@@ -40,6 +40,10 @@ SEQ_BETA, DIFF_BETA = 0.1, 2500.0
 TARGETS = {"trl": 1.0, "diffusion_script": 1.0, "overhead": 1.05, "precomputed": 0.75, "scaling": 1.1}
 
 
+def _le(value, target):
+    return None if value is None else value <= target
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -52,6 +56,13 @@ class Bench:
         self.memory_jobs: list[tuple[dict, Callable[[], Any]]] = []
 
     def compare(self, title: str, factories: dict[str, Callable[[], Any]], baseline: str, memory: bool = True):
+        if self.cfg.get("memory_only"):
+            out = {name: {"seconds_per_step": None, "repeats": [], "ratio": None} for name in factories}
+            if memory:
+                for name, make in factories.items():
+                    out[name]["peak_mib"] = None
+                    self.memory_jobs.append((out[name], make))
+            return out
         log(f"{title}: timing {', '.join(factories)}")
         runners = {name: make() for name, make in factories.items()}
         out = common.compare(runners, baseline, self.cfg["repeats"], self.cfg["steps"], self.cfg["warmup"], log)
@@ -108,7 +119,7 @@ def bench_trl(b: Bench) -> dict:
     out = b.compare("trl", factories, baseline="trl")
     ratio = out["prefopt"]["ratio"]
     return {"status": "ok", "trl_version": trl.__version__, "trl_token_lengths": lengths, "variants": out,
-            "ratio": ratio, "target": TARGETS["trl"], "goal": 0.8, "met": ratio <= TARGETS["trl"]}
+            "ratio": ratio, "target": TARGETS["trl"], "goal": 0.8, "met": _le(ratio, TARGETS["trl"])}
 
 
 def _clone(model):
@@ -136,7 +147,7 @@ def bench_diffusion_script(b: Bench) -> dict:
     out = b.compare("diffusion_script", factories, baseline="script")
     ratio = out["prefopt"]["ratio"]
     return {"status": "ok", "variants": out, "ratio": ratio, "target": TARGETS["diffusion_script"],
-            "met": ratio <= TARGETS["diffusion_script"]}
+            "met": _le(ratio, TARGETS["diffusion_script"])}
 
 
 # ------------------------------------------------------------------------------------ 3. overhead
@@ -171,7 +182,7 @@ def bench_overhead(b: Bench) -> dict:
         out = b.compare(f"overhead/{name}", factories, baseline="hand_loop")
         ratio = out["prefopt"]["ratio"]
         results[name] = {"reference": ref, "variants": out, "ratio": ratio, "target": TARGETS["overhead"],
-                         "met": ratio <= TARGETS["overhead"]}
+                         "met": _le(ratio, TARGETS["overhead"])}
     return results
 
 
@@ -207,7 +218,7 @@ def bench_reference(b: Bench) -> dict:
         pre = out["precomputed"]["ratio"]
         results[name] = {"variants": out, "policy_param_mib": policy_mib,
                          "precomputed_ratio": pre, "precomputed_target": TARGETS["precomputed"],
-                         "precomputed_met": pre <= TARGETS["precomputed"],
+                         "precomputed_met": _le(pre, TARGETS["precomputed"]),
                          "adapter_extra_param_mib": out["adapter"]["param_mib"] - policy_mib,
                          # LoRA's own factors are the only addition: no second copy of the weights (<= 10%)
                          "adapter_met": out["adapter"]["param_mib"] <= 1.1 * policy_mib}
@@ -271,7 +282,8 @@ def table(results: dict) -> str:
         for name, v in variants.items():
             is_candidate = name != baseline and (ratio_key is None or name == ratio_key)
             rows.append(f"| {bench} | {name}{' (baseline)' if name == baseline else ''} | "
-                        f"{v['seconds_per_step'] * 1e3:.1f} | {v['ratio']:.3f} | {_fmt(v.get('peak_mib'), '.1f')} | "
+                        f"{_fmt(v['seconds_per_step'] and v['seconds_per_step'] * 1e3, '.1f')} | {_fmt(v['ratio'])} | "
+                        f"{_fmt(v.get('peak_mib'), '.1f')} | "
                         f"{target_text if is_candidate else ''} | {'' if not is_candidate or met is None else ('yes' if met else 'NO')} |")
 
     bm = results["benchmarks"]
@@ -310,6 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="benchmark-results.json", help="JSON file of results")
     parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), help="run only these benchmarks")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the peak-memory runs (no timing; ratios are left empty)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads; default 1 on CPU (stable figures on a shared machine), "
                              "torch's default on GPU")
@@ -319,13 +333,16 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(threads)
     cfg = {**(SMOKE if args.smoke else FULL)}
     cfg = json.loads(json.dumps(cfg))  # a private copy
+    cfg["memory_only"] = bool(args.memory_only)
     bench = Bench(cfg)
     results: dict[str, Any] = {"mode": "smoke" if args.smoke else "full", "machine": common.machine(),
                                "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
                                "settings": cfg, "targets": TARGETS, "benchmarks": {}}
+    out = Path(args.out)
     for name in args.only or list(BENCHMARKS):
         torch.manual_seed(0)
         results["benchmarks"][name] = BENCHMARKS[name](bench)
+        _write(out, results)  # partial results survive an interrupted run
     if not args.no_memory:
         bench.run_memory()
     results["peak_memory_method"] = ("cuda max_memory_allocated above the allocation before the steps"
@@ -333,10 +350,13 @@ def main(argv: list[str] | None = None) -> dict:
                                      "CPU: peak resident set (VmHWM, reset via /proc/self/clear_refs) above the "
                                      "resident set before the steps, glibc mmap threshold fixed at 64 KiB")
     results["table"] = table(results)
-    out = Path(args.out)
+    _write(out, results)
+    print(results["table"])
+    return results
+
+
+def _write(out: Path, results: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, out)
-    print(results["table"])
-    return results
