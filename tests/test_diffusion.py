@@ -151,6 +151,11 @@ def test_bad_options_raise_clear_errors():
         DiffusionPolicy(tiny_unet(), DDPMScheduler(), prediction_type="x0")
     with pytest.raises(PrefoptError, match="add_noise"):
         DiffusionPolicy(tiny_unet(), object())
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    with pytest.raises(PrefoptError, match=r"x0 \+ sigma \* eps.*DDPMScheduler.from_config"):
+        DiffusionPolicy(tiny_unet(), EulerDiscreteScheduler())
+    DiffusionPolicy(tiny_unet(), DDIMScheduler())  # the same forward process as DDPM
     policy = DiffusionPolicy(tiny_unet(), DDPMScheduler())
     with pytest.raises(PrefoptError, match="'images' or 'latents'"):
         policy.draw({"pixels": torch.zeros(2, 1, 8, 8)})

@@ -47,8 +47,8 @@ def test_digits_runs_through_hydra_and_reuses_its_cache(make_config, tmp_path):
 
     # a second run with another loss reuses the base model, the candidates and the classifier
     before = dict(BUILD_COUNTS)
-    again = train(make_config("domain=diffusion", *TINY, "loss=ipo", "loss.beta=0.1", f"paths.cache_dir={tmp_path / 'cache'}",
-                              subdir="ipo"))
+    again = train(make_config("domain=diffusion", *TINY, "loss=ipo", "loss.beta=0.1",
+                              f"paths.cache_dir={tmp_path / 'cache'}", subdir="ipo"))
     assert all(BUILD_COUNTS[k] == before.get(k, 0) for k in ("diffusion_digits_base", "diffusion_digits_candidates",
                                                              "diffusion_digits_classifier"))
     assert again["eval"]["reference"]["reward_mean"] == ev["reference"]["reward_mean"]  # same base, same noise

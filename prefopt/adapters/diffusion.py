@@ -42,7 +42,7 @@ conditioning such as SDXL's ``added_cond_kwargs``), :meth:`target` (other parame
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -74,7 +74,7 @@ class DiffusionDraw:
     timesteps: torch.Tensor
     noise: torch.Tensor
     inputs: torch.Tensor | None = None
-    conditioning: dict[str, torch.Tensor] | None = field(default=None)
+    conditioning: dict[str, torch.Tensor] | None = None
 
 
 def _output(out) -> torch.Tensor:
@@ -91,8 +91,10 @@ class DiffusionPolicy(PreferencePolicy):
 
     Args:
         network: the denoiser; called as ``network(x_t, t, **conditioning)``.
-        scheduler: any diffusers noise scheduler with ``add_noise`` (and ``get_velocity`` for
-            ``v_prediction``), e.g. ``DDPMScheduler``. Its config also builds the sampler.
+        scheduler: a diffusers noise scheduler whose ``add_noise`` is the DDPM forward process (DDPM, DDIM,
+            PNDM, DPM-Solver...; ``get_velocity`` too for ``v_prediction``). Sigma-parameterized ones
+            (Euler...) are refused with a hint: use ``DDPMScheduler.from_config`` of their config. Its config
+            also builds the sampler.
         prediction_type: ``epsilon``, ``v_prediction`` or ``sample``; ``None`` reads the scheduler's.
         vae: optional ``AutoencoderKL`` (frozen): the UNet works on its scaled latents.
         text_encoder: optional frozen text encoder for ``input_ids`` (e.g. ``CLIPTextModel``).
@@ -110,7 +112,8 @@ class DiffusionPolicy(PreferencePolicy):
         super().__init__(network)
         if not callable(getattr(scheduler, "add_noise", None)):
             raise PrefoptError(f"scheduler {type(scheduler).__name__} has no add_noise(); allowed: a diffusers noise "
-                               "scheduler with add_noise, e.g. DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler")
+                               "scheduler with add_noise, e.g. DDPMScheduler, DDIMScheduler, PNDMScheduler")
+        _check_forward_process(scheduler)
         if prediction_type is None:
             prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
@@ -281,6 +284,22 @@ class DiffusionPolicy(PreferencePolicy):
                     x = sampler.step(pred.float(), t, x, generator=generator).prev_sample
                 chunks.append(self.decode(x))
         return torch.cat(chunks)
+
+
+def _check_forward_process(scheduler) -> None:
+    """The UNet sees ``add_noise``'s output as is, so that must be the variance-preserving DDPM forward
+    process ``sqrt(a_t) x0 + sqrt(1 - a_t) eps`` (DDPM, DDIM, PNDM, DPM-Solver...). Sigma-parameterized
+    schedulers (Euler, Heun, LMS) return ``x0 + sigma_t eps`` and rescale the model input elsewhere."""
+    name = type(scheduler).__name__
+    hint = f"build the training scheduler with DDPMScheduler.from_config({name.lower()}.config)"
+    try:
+        t = torch.tensor([int(scheduler.config.num_train_timesteps) // 2])
+        signal = float(scheduler.add_noise(torch.ones(1, 1), torch.zeros(1, 1), t).flatten()[0])
+    except Exception as err:  # e.g. a scheduler whose add_noise needs set_timesteps first
+        raise PrefoptError(f"scheduler {name}: add_noise failed for a training timestep ({err}); {hint}") from None
+    if not signal < 1.0 - 1e-6:
+        raise PrefoptError(f"scheduler {name} noises as x0 + sigma * eps (its model input is rescaled elsewhere), "
+                           f"not the variance-preserving DDPM forward process the UNet is trained on; {hint}")
 
 
 def _cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -201,6 +201,9 @@ class DigitsDiffusionTask(Task):
             (``example`` exactly when ``reference`` is ``precomputed``).
         reference: the run's reference strategy name (read by ``draw=auto``).
         likelihood_scale: see :mod:`prefopt.adapters.diffusion` (1 = the diffusers script's beta).
+        torch_threads: ``torch.set_num_threads`` for the run (``None`` leaves torch's default). The models
+            are so small that one thread loses little, while several threads on a busy shared CPU can be
+            many times slower than one (oversubscription).
     """
 
     name = "diffusion_digits"
@@ -209,7 +212,8 @@ class DigitsDiffusionTask(Task):
                  eval_reward: str | None = None, pairs_per_class: int = 100, sample_steps: int = 25,
                  eval_per_class: int = 50, grid_per_class: int = 8, batch_size: int = 64, rounds: int = 1,
                  teacher: Mapping[str, Any] | None = None, draw: str = "auto", reference: str = "copy",
-                 likelihood_scale: float = 1.0, seed: int = 0, cache_dir: str | None = None):
+                 likelihood_scale: float = 1.0, seed: int = 0, cache_dir: str | None = None,
+                 torch_threads: int | None = None):
         check_choice("domain.task.reward", reward, REWARDS)
         eval_reward = eval_reward or HELD_OUT[reward]
         check_choice("domain.task.eval_reward", eval_reward, REWARDS)
@@ -222,6 +226,10 @@ class DigitsDiffusionTask(Task):
                             ("batch_size", batch_size), ("rounds", rounds)):
             if int(value) < 1:
                 raise PrefoptError(f"domain.task.{name}={value!r} must be an integer >= 1")
+        if torch_threads is not None:
+            if int(torch_threads) < 1:
+                raise PrefoptError(f"domain.task.torch_threads={torch_threads!r} must be an integer >= 1 or null")
+            torch.set_num_threads(int(torch_threads))
         self.image_size, self.reward_name, self.eval_reward_name = int(image_size), reward, eval_reward
         self.base_config = {**BASE_DEFAULTS, **dict(base or {})}
         self.base_config = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.base_config.items()}

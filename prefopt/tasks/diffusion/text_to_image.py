@@ -55,6 +55,7 @@ class ImagePreferenceTask(Task):
             ``jpeg_compressibility``).
         draw, reference: as in :class:`~prefopt.tasks.diffusion.digits.DigitsDiffusionTask`.
         likelihood_scale: see :mod:`prefopt.adapters.diffusion`.
+        eval_device: where the evaluation runs: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
 
     name = "diffusion_pairs"
@@ -63,9 +64,11 @@ class ImagePreferenceTask(Task):
                  resolution: int | None = None, max_pairs: int | None = None, val_fraction: float = 0.1,
                  batch_size: int = 4, num_samples: int = 4, sample_steps: int = 25, guidance_scale: float = 5.0,
                  eval_draws: int = 4, eval_reward: str | None = None, draw: str = "auto", reference: str = "copy",
-                 likelihood_scale: float = 1.0, rounds: int = 1, seed: int = 0):
+                 likelihood_scale: float = 1.0, eval_device: str = "auto", rounds: int = 1, seed: int = 0):
         check_choice("domain.task.data_format", data_format, DATA_FORMATS)
         check_choice("domain.task.draw", draw, DRAW_MODES)
+        check_choice("domain.task.eval_device", eval_device, ("auto", "cpu", "cuda"))
+        self.eval_device = eval_device
         if eval_reward is not None:
             check_choice("domain.task.eval_reward", eval_reward, tuple(PIXEL_REWARDS))
         if not 0.0 < float(val_fraction) < 1.0:
@@ -158,6 +161,11 @@ class ImagePreferenceTask(Task):
     def evaluate(self, reference: DiffusionPolicy, policy: DiffusionPolicy, output_dir: Path,
                  round_index: int) -> dict[str, Any]:
         _, val = self._records()
+        device = self.eval_device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        policy.to(device)  # Lightning hands the policy back on the CPU after fit
+        reference.network.to(device)
         ref_lp, pol_lp = self.held_out_logps(policy, [reference.network, policy.network])
         keep = ~val.tie
         if not bool(keep.any()):
