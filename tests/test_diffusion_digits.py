@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,16 @@ def test_digits_runs_through_hydra_and_reuses_its_cache(make_config, tmp_path):
     assert all(BUILD_COUNTS[k] == before.get(k, 0) for k in ("diffusion_digits_base", "diffusion_digits_candidates",
                                                              "diffusion_digits_classifier"))
     assert again["eval"]["reference"]["reward_mean"] == ev["reference"]["reward_mean"]  # same base, same noise
+
+
+def test_digits_through_the_command_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "prefopt.cli", "domain=diffusion", f"hydra.run.dir={tmp_path}",
+                             f"paths.cache_dir={tmp_path / 'cache'}", "trainer.enable_progress_bar=false", *TINY],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["domain"] == "diffusion" and (tmp_path / summary["eval"]["grid"]).is_file()
+    assert (tmp_path / "policy.safetensors").is_file()
 
 
 def test_digits_precomputed_reference_and_legibility(make_config):
