@@ -108,7 +108,8 @@ def bench_trl(b: Bench) -> dict:
     loss = {"loss_type": "sigmoid", "beta": SEQ_BETA}
     factories = {
         "trl": lambda: trl_runner.TRLRunner(_clone(model), *tokens, vocab=c["vocab"], batch_size=batch,
-                                            beta=SEQ_BETA, weight_decay=0.0),
+                                            beta=SEQ_BETA, weight_decay=0.0,
+                                            gradient_checkpointing=b.cfg.get("trl_checkpointing", False)),
         "prefopt": lambda: setups.LightningRunner(setups.sequence_policy(_clone(model)), pairs, batch, loss,
                                                   "copy", weight_decay=0.0),
     }
@@ -118,7 +119,9 @@ def bench_trl(b: Bench) -> dict:
     del probe
     out = b.compare("trl", factories, baseline="trl")
     ratio = out["prefopt"]["ratio"]
-    return {"status": "ok", "trl_version": trl.__version__, "trl_token_lengths": lengths, "variants": out,
+    return {"status": "ok", "trl_version": trl.__version__,
+            "trl_gradient_checkpointing": bool(b.cfg.get("trl_checkpointing", False)),
+            "trl_token_lengths": lengths, "variants": out,
             "ratio": ratio, "target": TARGETS["trl"], "goal": 0.8, "met": _le(ratio, TARGETS["trl"])}
 
 
@@ -322,6 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="benchmark-results.json", help="JSON file of results")
     parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), help="run only these benchmarks")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--trl-checkpointing", action="store_true",
+                        help="keep TRL 1.x's default activation checkpointing on (off by default: prefopt has none)")
     parser.add_argument("--memory-only", action="store_true",
                         help="only the peak-memory runs (no timing; ratios are left empty)")
     parser.add_argument("--threads", type=int, default=None,
@@ -334,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = {**(SMOKE if args.smoke else FULL)}
     cfg = json.loads(json.dumps(cfg))  # a private copy
     cfg["memory_only"] = bool(args.memory_only)
+    cfg["trl_checkpointing"] = bool(args.trl_checkpointing)
     bench = Bench(cfg)
     results: dict[str, Any] = {"mode": "smoke" if args.smoke else "full", "machine": common.machine(),
                                "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),

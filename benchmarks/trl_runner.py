@@ -39,10 +39,11 @@ def text(ids: torch.Tensor) -> str:
 
 
 class TRLRunner:
-    """``DPOTrainer`` with ``loss_type=sigmoid``, a frozen copy as ``ref_model``, fp32, dropout off."""
+    """``DPOTrainer`` with ``loss_type=sigmoid``, a frozen copy as ``ref_model``, fp32, dropout off, and no
+    activation checkpointing unless ``gradient_checkpointing=True`` (TRL 1.x's own default)."""
 
     def __init__(self, model, prompt, chosen, rejected, vocab: int, batch_size: int, beta: float, lr: float = 1e-4,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, gradient_checkpointing: bool = False):
         from datasets import Dataset
         from transformers import TrainerCallback
         from trl import DPOConfig, DPOTrainer
@@ -64,7 +65,10 @@ class TRLRunner:
                          warmup_steps=0, beta=beta, loss_type=["sigmoid"], max_length=None,
                          logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
                          disable_tqdm=True, use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
-                         dataloader_num_workers=0, dataloader_pin_memory=False, seed=0)
+                         dataloader_num_workers=0, dataloader_pin_memory=False, seed=0,
+                         # TRL 1.x turns activation checkpointing on by default; prefopt does not checkpoint,
+                         # so the same math means it off (the CLI's --trl-checkpointing measures TRL's default)
+                         gradient_checkpointing=gradient_checkpointing)
         ref = type(model)(model.config)
         ref.load_state_dict(model.state_dict())
         self.trainer = DPOTrainer(model=model, ref_model=ref.eval(), args=args, train_dataset=data,
