@@ -145,7 +145,23 @@ class PreferenceModule(L.LightningModule):
         raise NonFiniteError(f"non-finite {', '.join(bad)} in {where}{saved}. Lower the learning rate or beta, "
                              "check the data for NaN/inf, or set nonfinite=skip to skip such batches")
 
+    def _logger_writes_now(self) -> bool:
+        """Whether the logger writes this training step (``log_every_n_steps``) or it ends an epoch.
+
+        Each ``self.log`` call costs Lightning bookkeeping; on the other steps only the progress-bar loss
+        is logged, so tiny models are not slowed down by metrics nobody sees.
+        """
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        connector = getattr(trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True)) or bool(trainer.is_last_batch)
+
     def _log_metrics(self, stage, loss, out, policy_chosen, policy_rejected, weights, batch_size):
+        on_step = stage == "train"
+        if on_step and not self._logger_writes_now():
+            self.log("train_loss", loss.detach(), prog_bar=True, batch_size=batch_size, logger=False)
+            return
         keep = weights > 0
         chosen, rejected = out.chosen_rewards[keep], out.rejected_rewards[keep]
         metrics = {
@@ -157,7 +173,6 @@ class PreferenceModule(L.LightningModule):
             "logps/chosen": policy_chosen[keep].detach().mean(),
             "logps/rejected": policy_rejected[keep].detach().mean(),
         }
-        on_step = stage == "train"
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, on_step=on_step, on_epoch=not on_step,
                       prog_bar=False, batch_size=batch_size, sync_dist=not on_step)
         self.log(f"{stage}_loss", loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step,
