@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -229,9 +230,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "eval": rounds[-1],
         "rounds": rounds,
     }
-    atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
-    export_policy(policy, output_dir / "policy.safetensors")
-    # Kept out of summary.json so that one config and seed always give the same summary.
-    timing = {"wall_time_s": round(time.perf_counter() - started, 2)}
-    atomic_write_text(output_dir / "timing.json", json.dumps(timing))
+    if rank_zero_only.rank == 0:  # under DDP every rank has the same result; one writes it
+        atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+        export_policy(policy, output_dir / "policy.safetensors")
+        # Kept out of summary.json so that one config and seed always give the same summary.
+        timing = {"wall_time_s": round(time.perf_counter() - started, 2)}
+        atomic_write_text(output_dir / "timing.json", json.dumps(timing))
     return summary
