@@ -163,6 +163,11 @@ class ControlPolicy(PreferencePolicy):
         return logp
 
     def log_likelihood(self, network: nn.Module, samples: Mapping[str, Any], draw: Any = None) -> torch.Tensor:
+        """``alpha * sum_t gamma^t log pi(a_t | s_t)`` over each segment's real steps, shape ``[N]``.
+
+        Subclasses change the per-step term through :meth:`step_log_probs`, not this method, so that the
+        discounting and the padding mask stay the same for every control policy.
+        """
         obs, actions = samples["obs"], samples["actions"]
         if obs.dim() != 3:
             raise PrefoptError(f"control samples: 'obs' has shape {tuple(obs.shape)}; expected [N, H, obs_dim] "
@@ -180,6 +185,7 @@ class ControlPolicy(PreferencePolicy):
         return self.alpha * (logp * weights).sum(-1)
 
     def lengths(self, samples: Mapping[str, Any]) -> torch.Tensor:
+        """Real steps per segment ``[N]`` (the mask's count, or ``H``): what length-normalized losses divide by."""
         mask = samples.get("mask")
         if mask is None:
             obs = samples["obs"]

@@ -130,6 +130,7 @@ class DiffusionPolicy(PreferencePolicy):
         self.text_encoder = text_encoder.requires_grad_(False).eval() if text_encoder is not None else None
 
     def train(self, mode: bool = True):
+        """Switch the denoiser's mode; the VAE and text encoder stay in eval mode (keep that in overrides)."""
         super().train(mode)
         for frozen in (self.vae, self.text_encoder):
             if frozen is not None:
@@ -138,12 +139,17 @@ class DiffusionPolicy(PreferencePolicy):
 
     @property
     def num_train_timesteps(self) -> int:
+        """Timesteps ``t`` are drawn uniformly from ``[0, num_train_timesteps)`` of the noise scheduler."""
         return int(self.scheduler.config.num_train_timesteps)
 
     # --------------------------------------------------------------------------------- inputs
     @torch.no_grad()
     def encode(self, samples: Mapping[str, Any]) -> torch.Tensor:
-        """Clean model inputs ``x0``: ``latents`` as given, or ``images`` (through the VAE if there is one)."""
+        """Clean model inputs ``x0``: ``latents`` as given, or ``images`` (through the VAE if there is one).
+
+        Override it to denoise something else (an action chunk, a trajectory): return ``x0`` of shape
+        ``[N, ...]`` from the samples.
+        """
         if "latents" in samples:
             return samples["latents"]
         if "images" not in samples:
@@ -190,6 +196,13 @@ class DiffusionPolicy(PreferencePolicy):
 
     # ----------------------------------------------------------------------------------- draw
     def draw(self, samples: Mapping[str, Any], generator: torch.Generator | None = None) -> DiffusionDraw:
+        """One timestep and one noise per pair, repeated for its chosen and rejected rows.
+
+        Drawn on the CPU from ``generator`` (or from each example's ``seed`` where the samples carry one,
+        as ``reference=precomputed`` needs), then moved to the samples' device. The clean inputs and the
+        conditioning are computed here once and reused by the policy's and the reference's forward.
+        A subclass changes the *distribution* of ``t`` here (e.g. a truncated range), keeping the pairing.
+        """
         x0 = self.encode(samples)
         n = x0.shape[0]
         if n % 2:
@@ -221,6 +234,12 @@ class DiffusionPolicy(PreferencePolicy):
 
     # ----------------------------------------------------------------------------- likelihood
     def log_likelihood(self, network: nn.Module, samples: Mapping[str, Any], draw: Any = None) -> torch.Tensor:
+        """``-likelihood_scale * mean((network(x_t, t, cond) - target)^2)`` per sample, shape ``[N]``.
+
+        ``x_t = scheduler.add_noise(x0, noise, t)`` with the draw's ``t`` and noise. What a subclass changes
+        is usually :meth:`encode` (what is denoised: images, latents, actions), :meth:`conditioning` (what
+        the network is given) or :meth:`target`; this method only combines them.
+        """
         if draw is None:
             draw = self.draw(samples)
         x0 = draw.inputs if draw.inputs is not None else self.encode(samples)
@@ -235,6 +254,7 @@ class DiffusionPolicy(PreferencePolicy):
 
     # ------------------------------------------------------------------------------- sampling
     def make_sampler(self):
+        """The scheduler used by :meth:`generate` (DDIM or DDPM, from the training scheduler's config)."""
         from diffusers import DDIMScheduler, DDPMScheduler
 
         cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[self.sampler]
