@@ -209,3 +209,15 @@ def test_checkpoint_base_and_bad_options(tmp_path):
         _task(tmp_path, env_id="NoSuchEnv-v0").build_policy()
     with pytest.raises(PrefoptError, match="num_envs"):
         _task(tmp_path, num_envs=3)
+
+
+@pytest.mark.parametrize("overrides", [["reference=adapter", "reference.rank=2"], ["loss=cpl", "reference=none"]])
+def test_lora_reference_and_reference_free_cpl(tmp_path, overrides):
+    summary = train(_cfg(tmp_path, "domain.task.num_heldout=4", *overrides))
+    ev = summary["eval"]
+    assert {"reference", "policy", "win_rate", "teacher_agreement_logp"} <= set(ev)
+    # the saved weights are a plain network's (LoRA merged), loadable as a checkpoint base
+    path = tmp_path / "run" / "policy.safetensors"
+    task = _task(tmp_path, hidden=(16,), base={"kind": "checkpoint", "path": str(path)})
+    loaded = task.build_policy()
+    assert not any("lora" in name for name in loaded.network.state_dict())

@@ -299,10 +299,15 @@ class ControlTask(Task):
 
     Args:
         env_id, env_kwargs, num_envs, vectorization_mode: the environments (``gymnasium.make_vec``).
-        hidden, log_std, squash, mean_bound: the policy network (:func:`~prefopt.adapters.control.policy_network_for`).
+        hidden, log_std, squash, mean_bound: the policy network
+            (:func:`~prefopt.adapters.control.policy_network_for`).
         gamma, alpha: discount and scale of the segment log-likelihood (:class:`ControlPolicy`).
-        base: ``kind`` (bc, checkpoint, scratch), ``behaviour`` (a name), ``behaviours`` (options per name), ``episodes``,
-            ``epochs``, ``lr``, ``batch_size``, ``seed`` (of the base build, shared across runs), ``path``.
+        base: ``kind`` (bc, checkpoint, scratch), ``behaviour`` (a name), ``behaviours`` (options per name),
+            ``episodes``, ``epochs``, ``lr``, ``batch_size``, ``seed`` (of the base build, shared across runs),
+            ``path``.
+        explore_steps: with ``pairing=branch``, draw only the first ``k`` steps of a segment and take the
+            policy's mean action before and after them; the pair keeps those ``k`` steps (judged by the
+            teacher on the whole segment).
         segment_length: ``H``, steps per segment. pairing: ``branch``, ``same_start`` or ``random``.
         num_pairs: pairs per round. num_heldout: held-out pairs for the agreement metric (0 = none).
         collect_steps: cap on the steps of a collected episode (``null`` = the env's own limit).
@@ -317,15 +322,15 @@ class ControlTask(Task):
     name = "control"
 
     def __init__(self, env_id: str = "Pendulum-v1", env_kwargs: Mapping[str, Any] | None = None,
-                 num_envs: int = 16, vectorization_mode: str = "sync", hidden: Sequence[int] = (64, 64),
-                 log_std: float = -0.5, squash: bool = True, mean_bound: float | None = 3.0, gamma: float = 1.0, alpha: float = 1.0,
-                 base: Mapping[str, Any] | None = None, segment_length: int = 50, pairing: str = "branch",
-                 explore_steps: int | None = None,
-                 num_pairs: int = 512, num_heldout: int = 256, collect_steps: int | None = None,
-                 teacher: Mapping[str, Any] | None = None, rounds: int = 1, batch_size: int = 64,
-                 eval_episodes: int = 32, eval_seed: int = 1_000_000, eval_deterministic: bool = True,
-                 offline: Mapping[str, Any] | None = None, validate: bool = True, train_log_std: bool = False,
-                 torch_threads: int | None = 1, seed: int = 0, cache_dir: str | os.PathLike | None = None):
+                 num_envs: int = 32, vectorization_mode: str = "sync", hidden: Sequence[int] = (64, 64),
+                 log_std: float = -0.5, squash: bool = True, mean_bound: float | None = 3.0, gamma: float = 0.9,
+                 alpha: float = 1.0, base: Mapping[str, Any] | None = None, segment_length: int = 50,
+                 pairing: str = "branch", explore_steps: int | None = None, num_pairs: int = 1024,
+                 num_heldout: int = 256, collect_steps: int | None = None, teacher: Mapping[str, Any] | None = None,
+                 rounds: int = 1, batch_size: int = 64, eval_episodes: int = 50, eval_seed: int = 1_000_000,
+                 eval_deterministic: bool = True, offline: Mapping[str, Any] | None = None, validate: bool = True,
+                 train_log_std: bool = False, torch_threads: int | None = 1, seed: int = 0,
+                 cache_dir: str | os.PathLike | None = None):
         check_choice("domain.task.pairing", pairing, PAIRINGS)
         for option, value, low in (("segment_length", segment_length, 1), ("num_pairs", num_pairs, 1),
                                    ("rounds", rounds, 1), ("batch_size", batch_size, 1),
