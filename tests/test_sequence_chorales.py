@@ -125,11 +125,13 @@ def test_chorale_task_runs_end_to_end_and_reuses_its_caches(make_config):
     assert (run / "pianoroll_round0.png").stat().st_size > 1000
     assert json.loads((run / "summary.json").read_text())["eval"]["win_rate"] == result["win_rate"]
 
-    # a second run with another loss reuses the parsed chorales, the base model and the candidates
+    # a second run (LoRA reference, another loss) reuses the parsed chorales, the base model and the candidates
     counts = dict(BUILD_COUNTS)
-    again = train(make_config(*TINY, "loss=ipo", subdir="ipo"))
+    again = train(make_config(*TINY, "loss=ipo", "reference=adapter", f"paths.cache_dir={cfg.paths.cache_dir}",
+                              subdir="ipo"))
+    assert again["reference"] == "adapter"
     assert again["eval"]["reference"] == result["reference"]  # same base, same prompts, same seeds
-    for kind in ("sequence-chorales", "sequence-base"):
+    for kind in ("sequence-chorales", "sequence-base", "sequence-candidates"):
         assert BUILD_COUNTS[kind] == counts.get(kind, 0)
 
 
@@ -142,3 +144,33 @@ def test_chorale_task_options_are_checked(tmp_path):
         ChoraleTask(eval_fraction=0.6, prompt_fraction=0.5, cache_dir=str(tmp_path))
     with pytest.raises(PrefoptError, match="model has unknown options"):
         ChoraleTask(model={"width": 3}, cache_dir=str(tmp_path))
+
+
+def test_branched_pairs_share_a_start_and_differ_after_it(tmp_path, monkeypatch):
+    from prefopt.tasks.sequence.task import ChoraleTask
+
+    task = ChoraleTask(pairing="branched", samples_per_prompt=4, max_new_tokens=6, cache_dir=str(tmp_path))
+    calls = []
+
+    def fake_continue(policy, prompts, seed):
+        calls.append([list(p) for p in prompts])
+        if len(calls) == 1:  # trunks: 5 notes and EOS
+            return [[10, 11, 12, 13, 14, EOS] for _ in prompts]
+        return [[20 + i, 30 + i, EOS] for i in range(len(prompts))]  # tails: one per row
+
+    monkeypatch.setattr(task, "continue_prompts", fake_continue)
+    prompts = [[BOS, MAJOR, 7]] * 4 + [[BOS, MINOR, 8]] * 4
+    out = task._branched(None, prompts, seed=0)
+    assert len(calls[0]) == 4  # one trunk per pair
+    assert len(out) == 8
+    for i in range(4):
+        a, b = out[2 * i], out[2 * i + 1]
+        branch = calls[1][2 * i]
+        assert branch == calls[1][2 * i + 1]  # both continuations start from the same cut trunk
+        cut = len(branch) - 3
+        assert 0 <= cut <= 4  # at least the last note is resampled
+        assert a[:cut] == b[:cut] == [10, 11, 12, 13, 14][:cut]
+        assert a[cut:] == [20 + 2 * i, 30 + 2 * i, EOS][: 6 - cut] and a[cut] != b[cut]
+        assert len(a) <= 6
+    with pytest.raises(PrefoptError, match="pairing"):
+        ChoraleTask(pairing="random", cache_dir=str(tmp_path))

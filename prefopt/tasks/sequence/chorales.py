@@ -2,8 +2,9 @@
 
 The corpus ships inside the ``music21`` wheel (``music21/corpus/bach``): nothing is downloaded. Every
 chorale score (``.mxl``, ``.xml``, ``.krn``; the ``.rntxt`` harmonic analyses are skipped) is parsed once;
-its soprano part (the part named "Soprano", else the score is skipped) has its ties merged, and the key
-of the whole score is estimated with music21's Krumhansl-Schmuckler ``analyze("key")``. The melody is
+its soprano part (the part named "Soprano", else the score is skipped) has its ties merged. The key is
+read from the score (:func:`chorale_key`): the tonic is the last bass note, the mode comes from the key
+signature; modal chorales that fit no major or minor key are skipped. The melody is
 transposed by the smallest shift (-6..+5 semitones) that puts the tonic on C for a major key and on A
 for a minor key, and written as tokens:
 
@@ -39,7 +40,7 @@ SPECIALS = ("<pad>", "<bos>", "<eos>", "<major>", "<minor>")
 MODES = ("major", "minor")
 #: the tonic pitch class a melody is transposed to, per mode (C major, A minor)
 TONIC = {"major": 0, "minor": 9}
-PARSE_VERSION = 1
+PARSE_VERSION = 2
 
 Note = tuple  # (midi pitch or None for a rest, duration in quarter notes)
 
@@ -132,6 +133,39 @@ def _soprano(score):
     return None
 
 
+def _bass(score):
+    for part in score.parts:
+        if "bass" in f"{part.partName or ''} {part.id or ''}".lower():
+            return part
+    return score.parts[-1]
+
+
+def chorale_key(score) -> tuple[int, str] | None:
+    """(tonic pitch class, mode) of a chorale, or ``None`` for a modal one.
+
+    A chorale ends on its tonic chord, so the tonic is the pitch class of the last bass note. The mode is
+    the key signature's: major if that note is the signature's major tonic, minor if it is its relative
+    minor. Otherwise (an old "Dorian" signature with one flat too few, say) music21's key analysis decides,
+    if it agrees on the tonic; if not (a Phrygian or other modal ending), ``None``.
+    """
+    from music21 import key as m21key
+
+    notes = list(_bass(score).flatten().notes)
+    signatures = list(score.recurse().getElementsByClass(m21key.KeySignature))
+    if not notes or not signatures:
+        return None
+    tonic = min(p.midi for p in notes[-1].pitches) % 12
+    signature = signatures[0]
+    if tonic == signature.asKey("major").tonic.pitchClass:
+        return tonic, "major"
+    if tonic == signature.asKey("minor").tonic.pitchClass:
+        return tonic, "minor"
+    analysed = score.analyze("key")
+    if analysed.tonic.pitchClass == tonic and analysed.mode in MODES:
+        return tonic, analysed.mode
+    return None
+
+
 def parse_chorale(path: Path, tokenizer: ChoraleTokenizer, prompt_bars: int) -> tuple[list[int], int] | None:
     """(tokens, prompt length) of one score, or ``None`` if it is skipped (see the module docstring)."""
     from music21 import converter
@@ -140,9 +174,11 @@ def parse_chorale(path: Path, tokenizer: ChoraleTokenizer, prompt_bars: int) -> 
     part = _soprano(score)
     if part is None:
         return None
-    key = score.analyze("key")
-    mode = key.mode if key.mode in MODES else "major"
-    shift = (TONIC[mode] - key.tonic.pitchClass + 6) % 12 - 6
+    found = chorale_key(score)
+    if found is None:
+        return None
+    tonic, mode = found
+    shift = (TONIC[mode] - tonic + 6) % 12 - 6
     notes: list[Note] = []
     bars: list[int] = []
     for element in part.stripTies().flatten().notesAndRests:
@@ -253,5 +289,5 @@ def write_midi(notes: Sequence[Note], path: Path) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["BOS", "EOS", "MAJOR", "MINOR", "MODES", "PAD", "ChoraleTokenizer", "Chorales", "TONIC",
-           "chorale_paths", "load_chorales", "parse_chorale", "to_stream", "write_midi"]
+__all__ = ["BOS", "EOS", "MAJOR", "MINOR", "MODES", "PAD", "PARSE_VERSION", "ChoraleTokenizer", "Chorales", "TONIC",
+           "chorale_key", "chorale_paths", "load_chorales", "parse_chorale", "to_stream", "write_midi"]

@@ -30,18 +30,20 @@ from prefopt.adapters.sequence import SequencePolicy, pad_sequences, trim_pair_b
 from prefopt.cache import cached_tensors
 from prefopt.data.pairs import TensorPairs
 from prefopt.data.teachers import ScriptedTeacher, to_pairs
-from prefopt.errors import PrefoptError
+from prefopt.errors import PrefoptError, check_choice
 from prefopt.tasks.bandit import mean_and_se
 from prefopt.tasks.base import EpochShuffleSampler, Task
-from prefopt.tasks.sequence.chorales import (BOS, EOS, MAJOR, MINOR, PAD, ChoraleTokenizer, Chorales,
+from prefopt.tasks.sequence.chorales import (BOS, EOS, MAJOR, MINOR, PAD, PARSE_VERSION, ChoraleTokenizer, Chorales,
                                              load_chorales, write_midi)
 from prefopt.tasks.sequence.model import MelodyTransformer
 from prefopt.tasks.sequence.reward import ChoraleReward
 
 log = logging.getLogger(__name__)
 
-MODEL_DEFAULTS = {"d_model": 96, "n_layers": 3, "n_heads": 4, "d_ff": None, "dropout": 0.1, "max_len": 256}
-PRETRAIN_DEFAULTS = {"epochs": 20, "batch_size": 32, "lr": 3.0e-3, "weight_decay": 0.01, "warmup_steps": 50,
+#: how candidates of one prompt become pairs (see :meth:`ChoraleTask.pairs`)
+PAIRINGS = ("consecutive", "best_worst", "branched")
+MODEL_DEFAULTS = {"d_model": 96, "n_layers": 3, "n_heads": 4, "d_ff": None, "dropout": 0.2, "max_len": 256}
+PRETRAIN_DEFAULTS = {"epochs": 40, "batch_size": 32, "lr": 3.0e-3, "weight_decay": 0.01, "warmup_steps": 50,
                      "seed": 0}
 
 
@@ -93,16 +95,20 @@ class ChoraleTask(Task):
     def __init__(self, limit: int | None = None, prompt_bars: int = 2, eval_fraction: float = 0.1,
                  prompt_fraction: float = 0.15, split_seed: int = 0, tokenizer: Mapping[str, Any] | None = None,
                  model: Mapping[str, Any] | None = None, pretrain: Mapping[str, Any] | None = None,
-                 samples_per_prompt: int = 16, max_new_tokens: int = 96, temperature: float = 1.0,
+                 samples_per_prompt: int = 16, pairing: str = "consecutive", group_size: int = 8,
+                 max_new_tokens: int = 96, temperature: float = 1.0,
                  eval_samples: int = 4, eval_prompts: int | None = None, reward: Mapping[str, Any] | None = None,
                  teacher: Mapping[str, Any] | None = None, batch_size: int = 32, rounds: int = 1,
                  num_midi: int = 4, progress: bool = True, seed: int = 0, cache_dir: str = ".cache/prefopt"):
         if not 0 < eval_fraction < 1 or not 0 < prompt_fraction < 1 or eval_fraction + prompt_fraction >= 1:
             raise PrefoptError(f"eval_fraction={eval_fraction}, prompt_fraction={prompt_fraction}: each must be in "
                                "(0, 1) and their sum below 1 (the rest pretrains the base model)")
-        if samples_per_prompt < 2 or samples_per_prompt % 2:
-            raise PrefoptError(f"samples_per_prompt={samples_per_prompt} must be an even number >= 2 "
-                               "(consecutive samples of one prompt form a pair)")
+        check_choice("pairing", pairing, PAIRINGS)
+        size = int(group_size) if pairing == "best_worst" else 2
+        if size < 2 or samples_per_prompt < size or samples_per_prompt % size:
+            raise PrefoptError(f"samples_per_prompt={samples_per_prompt} must be a multiple of {size} (pairing={pairing}"
+                               f"{', group_size=' + str(size) if pairing == 'best_worst' else ''}; groups of >= 2)")
+        self.pairing, self.group_size = pairing, size
         for option, value in (("max_new_tokens", max_new_tokens), ("eval_samples", eval_samples),
                               ("batch_size", batch_size), ("rounds", rounds)):
             if int(value) < 1:
@@ -147,7 +153,10 @@ class ChoraleTask(Task):
         return self._splits
 
     def _data_config(self) -> dict[str, Any]:
-        return {"tokenizer": self.tokenizer.config(), "prompt_bars": self.prompt_bars, "limit": self.limit,
+        import music21
+
+        return {"parse_version": PARSE_VERSION, "music21": music21.__version__,
+                "tokenizer": self.tokenizer.config(), "prompt_bars": self.prompt_bars, "limit": self.limit,
                 "eval_fraction": self.eval_fraction, "prompt_fraction": self.prompt_fraction,
                 "split_seed": self.split_seed}
 
@@ -228,14 +237,18 @@ class ChoraleTask(Task):
                                       self.tokenizer.notes(prompt), finished)
 
     def _candidates(self, policy: SequencePolicy, round_index: int) -> tuple[list[list[int]], list[list[int]]]:
+        """``samples_per_prompt`` continuations of every prompt chorale (cached for the base policy)."""
         data = self.splits()["prompt"]
         prompts = [t[:p] for t, p in zip(data.tokens, data.prompt_lengths)]
         repeated = [p for p in prompts for _ in range(self.samples_per_prompt)]
         seed = self.seed * 7919 + round_index
 
         def build():
-            log.info("sampling %d candidate continuations", len(repeated))
-            completions = self.continue_prompts(policy, repeated, seed)
+            log.info("sampling %d candidate continuations (%s)", len(repeated), self.pairing)
+            if self.pairing == "branched":
+                completions = self._branched(policy, repeated, seed)
+            else:
+                completions = self.continue_prompts(policy, repeated, seed)
             out = torch.full((len(completions), self.max_new_tokens), PAD, dtype=torch.int64)
             for i, c in enumerate(completions):
                 out[i, : len(c)] = torch.tensor(c, dtype=torch.int64)
@@ -243,18 +256,52 @@ class ChoraleTask(Task):
 
         if round_index == 0:  # the base policy is fixed by its config: cache its samples
             config = {"base": self.base_config(), "samples_per_prompt": self.samples_per_prompt,
-                      "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "seed": seed}
+                      "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "seed": seed,
+                      "branched": self.pairing == "branched"}
             tensors = cached_tensors(self.cache_dir, "sequence-candidates", config, build)
         else:
             tensors = build()
         completions = [row[:n].tolist() for row, n in zip(tensors["completions"], tensors["lengths"].tolist())]
         return repeated, completions
 
+    def _branched(self, policy: SequencePolicy, prompts: Sequence[Sequence[int]], seed: int) -> list[list[int]]:
+        """Pairs of continuations that share a start: a trunk is sampled per pair, cut at a uniformly drawn
+        point, and two continuations are sampled from there (entries ``2i`` and ``2i + 1`` share trunk ``i``)."""
+        heads = prompts[0::2]
+        trunks = self.continue_prompts(policy, heads, seed)
+        generator = torch.Generator().manual_seed(seed + 17)
+        cuts = [int(torch.randint(0, max(1, len(t) - (t[-1] == EOS)), (1,), generator=generator)) if t else 0
+                for t in trunks]
+        branch_prompts = [list(h) + t[:c] for h, t, c in zip(heads, trunks, cuts) for _ in range(2)]
+        tails = self.continue_prompts(policy, branch_prompts, seed + 1)
+        return [trunks[i // 2][:cuts[i // 2]] + tail[: self.max_new_tokens - cuts[i // 2]]
+                for i, tail in enumerate(tails)]
+
     def pairs(self, policy: SequencePolicy, round_index: int) -> TensorPairs:
+        """Candidates of each prompt, paired and labelled by the teacher.
+
+        ``pairing="consecutive"``: samples ``2i`` and ``2i + 1`` of a prompt form a pair
+        (``samples_per_prompt / 2`` pairs per prompt). ``"branched"``: the same, but the two samples of a
+        pair share a start (see :meth:`_branched`): they differ only after a random point, so the pair
+        says which *ending* is better, and the shared part cancels in the DPO log-ratio difference. ``"best_worst"``: the samples of a prompt are cut into
+        groups of ``group_size``; each group gives one pair, its highest- and lowest-reward samples (the
+        first of equals; a group whose rewards are all equal gives a tie), as in iterative DPO with a
+        reward model. Either way the teacher labels the pair
+        from the two rewards, so its noise (mistakes, ties, skips) applies.
+        """
         prompts, completions = self._candidates(policy, round_index)
         rewards = torch.tensor([self.score(p, c)["reward"] for p, c in zip(prompts, completions)], dtype=torch.float64)
-        labels = self.teacher.label(rewards[0::2], rewards[1::2])
-        pairs = pair_dataset(prompts[0::2], completions[0::2], completions[1::2], labels, PAD)
+        if self.pairing in ("consecutive", "branched"):
+            first, second = torch.arange(0, len(rewards), 2), torch.arange(1, len(rewards), 2)
+        else:
+            groups = rewards.view(-1, self.group_size)
+            offsets = torch.arange(groups.shape[0]) * self.group_size
+            first, second = offsets + groups.argmax(1), offsets + groups.argmin(1)
+        labels = self.teacher.label(rewards[first], rewards[second])
+        labels.tie = labels.tie | (first == second)  # a group of equal rewards: the same sample twice
+        labels.preference = torch.where(labels.tie, torch.zeros_like(labels.preference), labels.preference)
+        pick = lambda items, index: [items[i] for i in index.tolist()]  # noqa: E731
+        pairs = pair_dataset(pick(prompts, first), pick(completions, first), pick(completions, second), labels, PAD)
         if len(pairs) == 0:
             raise PrefoptError("the teacher kept no candidate pair; loosen teacher.skip_threshold")
         log.info("round %d: %d pairs (%d ties) from %d candidates of mean reward %.4f", round_index, len(pairs),
