@@ -52,6 +52,7 @@ from prefopt.data.pairs import TensorPairs
 from prefopt.data.teachers import ScriptedTeacher, to_pairs
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.policy import split_pairs
+from prefopt.reference import eval_mode
 from prefopt.tasks.base import Task
 from prefopt.tasks.bandit import mean_and_se
 
@@ -647,8 +648,12 @@ class ControlTask(Task):
 
     def evaluate(self, reference: ControlPolicy, policy: ControlPolicy, output_dir: Path,
                  round_index: int) -> dict[str, Any]:
-        output_dir = Path(output_dir)
-        policy.eval()
+        # eval mode while evaluating only: Lightning keeps a module's mode, and the next round trains it
+        with eval_mode(policy), eval_mode(reference):
+            return self._evaluate(reference, policy, Path(output_dir), round_index)
+
+    def _evaluate(self, reference: ControlPolicy, policy: ControlPolicy, output_dir: Path,
+                  round_index: int) -> dict[str, Any]:
         if self._reference_eval is None:
             returns = self.episode_returns(reference, "eval reference")
             mean, se = mean_and_se(returns)
