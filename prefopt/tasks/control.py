@@ -7,9 +7,9 @@ One round of the loop (``rounds > 1`` is iterative / online DPO)::
 
 **Base policy** (``base.kind``): ``bc`` clones a configurable behaviour policy (``base.behaviour`` names
 one of :data:`BEHAVIOURS` or a ``"package.module:function"`` of your own; ``base.behaviours.<name>``
-holds its options) from its rollouts: the mean
-action is regressed onto the behaviour's actions (cross-entropy for ``Discrete``), and the Gaussian's
-standard deviation is set to ``exp(log_std)``, the exploration noise of the later rollouts. ``checkpoint``
+holds its options) from its rollouts: the mean action is regressed onto the behaviour's actions
+(cross-entropy for ``Discrete``), and the Gaussian's standard deviation is set to ``exp(log_std)``, the
+exploration noise of the later rollouts. ``checkpoint``
 loads network weights (``base.path``: a ``.safetensors`` state dict as written by this task, or a
 Lightning ``.ckpt`` of a prefopt run). ``scratch`` starts from a freshly initialised network. The
 behaviour data and the cloned network are cached with :func:`prefopt.cache.cached_tensors`, keyed by
@@ -20,7 +20,10 @@ seed and take the same actions up to a random step ``t0``; the pair is their seg
 which start from the same state, so the teacher compares only what the policy's draws did from there
 (this needs an env that is deterministic given its seed and actions, which is checked). ``same_start``
 runs the pair's episodes from one reset seed without shared actions and compares their windows
-``[kH, (k+1)H)``; ``random`` pairs windows of all episodes at random. The teacher
+``[kH, (k+1)H)``; ``random`` pairs windows of all episodes at random. ``explore_steps`` (branch only)
+draws just the first ``k`` steps from ``t0`` and takes mean actions elsewhere. The default ``gamma=0.9``
+discounts the segment log-likelihood, which weighs the steps near ``t0``, where the two segments of a
+branch pair still share their state (see docs/control.md for why). The teacher
 (:class:`~prefopt.data.teachers.ScriptedTeacher`) sees the per-step true rewards. ``offline``
 replaces the first round's pairs with a user's dataset read by
 :func:`prefopt.data.segments.load_segment_pairs` (``.npz`` or an HF ``datasets`` folder).
