@@ -192,9 +192,10 @@ def test_offline_npz_pairs_and_dimension_check(tmp_path):
 def test_checkpoint_base_and_bad_options(tmp_path):
     task = _task(tmp_path)
     policy = task.build_policy()
-    from prefopt.tasks.control import save_policy
+    from prefopt.train import export_policy
 
-    path = save_policy(policy, tmp_path / "w.safetensors")
+    path = tmp_path / "w.safetensors"
+    export_policy(policy, path)
     loaded = _task(tmp_path, base={"kind": "checkpoint", "path": str(path)}).build_policy()
     for (name, a), b in zip(policy.network.state_dict().items(), loaded.network.state_dict().values()):
         assert torch.equal(a, b), name

@@ -32,12 +32,12 @@ replaces the first round's pairs with a user's dataset read by
 ``eval_episodes`` episodes from the fixed reset seeds ``eval_seed + i``; reported are mean and standard
 error of the true return, the win rate on the same seeds (ties count half), and the teacher's agreement
 with the policy's implicit reward on held-out pairs (pairs of the reference's rollouts, labelled by the
-teacher). ``returns.png`` plots the return per round; ``policy.safetensors`` holds the latest weights.
+teacher). ``returns.png`` plots the return per round (``prefopt.train`` writes the final weights to
+``policy.safetensors``, loadable with ``base.kind=checkpoint``).
 """
 
 from __future__ import annotations
 
-import copy
 import importlib
 import math
 import os
@@ -505,7 +505,10 @@ class ControlTask(Task):
             batch_index += 1
         a = {k: torch.cat([p[k] for p in a_parts])[:num_pairs] for k in a_parts[0]}
         b = {k: torch.cat([p[k] for p in b_parts])[:num_pairs] for k in b_parts[0]}
-        labels = teacher.label(a.pop("rewards"), b.pop("rewards"), a["mask"], b["mask"])
+        # a generator per call: a round's labels do not depend on earlier rounds (whose pairs may come
+        # from prefopt's pair cache without calling this method)
+        labels = teacher.label(a.pop("rewards"), b.pop("rewards"), a["mask"], b["mask"],
+                               generator=torch.Generator().manual_seed(stream + 1))
         if not labels.keep.any():
             raise PrefoptError(f"the teacher skipped all {len(labels)} pairs (teacher={self.teacher_options})")
         if self.pairing == "branch" and self.explore_steps:
@@ -668,7 +671,6 @@ class ControlTask(Task):
         diff_se = math.sqrt(ref_se ** 2 + pol_se ** 2)
         wins = (pol_returns > ref_returns).double() + 0.5 * (pol_returns == ref_returns).double()
         self._history.append({"round": round_index, "mean": pol_mean, "se": pol_se})
-        save_policy(policy, output_dir / "policy.safetensors")
         plot = plot_returns(self._history, ref_mean, ref_se, output_dir / "returns.png", self.env_id)
         return {
             "env_id": self.env_id,
@@ -687,27 +689,9 @@ class ControlTask(Task):
 
 # ---------------------------------------------------------------------------------- weights, plot
 
-def _network_for_saving(policy: ControlPolicy) -> torch.nn.Module:
-    network = policy.network
-    if hasattr(network, "merge_and_unload"):  # a peft model (reference=adapter): save merged weights
-        network = copy.deepcopy(network).merge_and_unload()
-    return network
-
-
-def save_policy(policy: ControlPolicy, path: Path) -> Path:
-    """The policy network's state dict as ``safetensors``, written atomically."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in _network_for_saving(policy).state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
-    return path
-
-
 def load_network_weights(network: torch.nn.Module, path) -> None:
-    """Load a ``.safetensors`` state dict, or a ``.ckpt``/``.pt`` (a prefopt Lightning checkpoint or a plain
-    state dict, read with ``weights_only=True``) into ``network``."""
+    """Load a ``.safetensors`` state dict (e.g. a run's ``policy.safetensors``), or a ``.ckpt``/``.pt`` (a
+    prefopt Lightning checkpoint or a plain state dict, read with ``weights_only=True``) into ``network``."""
     if not path:
         raise PrefoptError("base.kind=checkpoint needs base.path (a .safetensors, .ckpt or .pt file)")
     path = Path(path)
@@ -764,4 +748,4 @@ def plot_returns(history: list[dict[str, float]], ref_mean: float, ref_se: float
 
 __all__ = ["BEHAVIOURS", "ControlTask", "Rollouts", "cartpole_balance", "load_network_weights", "make_envs",
            "pair_windows", "pendulum_energy", "plot_returns", "random_behaviour", "resolve_behaviour", "rollout",
-           "save_policy", "split_windows"]
+           "split_windows"]
