@@ -1,1 +1,1 @@
-"""prefopt's benchmarks: ``python -m benchmarks`` (see :mod:`benchmarks.run` and docs/performance.md)."""
+"""prefopt's benchmarks: ``python -m benchmarks`` (see :mod:`benchmarks.run` and the README section "Performance")."""

@@ -1,7 +1,7 @@
 """``python -m benchmarks``: prefopt's training step against TRL, the Diffusion-DPO script, a hand-written loop.
 
 Runs five benchmarks (CPU by default, the GPU when one is present), writes one JSON file and prints a
-Markdown table. See docs/performance.md for the method and the measured results.
+Markdown table. See the README section "Performance" for the method and the measured results.
 
 1. ``trl``: TRL ``DPOTrainer`` vs prefopt on the same tiny GPT-2, pairs, beta, sigmoid loss, frozen copy.
 2. ``diffusion_script``: the ``train_diffusion_dpo.py`` step as a plain loop vs prefopt on the same LoRA UNet.

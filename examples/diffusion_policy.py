@@ -23,7 +23,7 @@ The fast mode trains the same thing and only evaluates on fewer episodes; a run 
 epochs (1024 pairs, 10 epochs, a longer-cloned base) was measured *worse* than its reference (-796 vs -777): Diffusion-DPO on
 this surrogate over-fits quickly, so keep beta, the learning rate and the number of epochs small.
 The gain is seed-dependent: over seeds 0, 1, 2 (``main(seed=...)``) the mean return moved by +63.5,
-+10.4 and -7.5 (see docs/extending.md).
++10.4 and -7.5 (see the README section "Extending prefopt").
 """
 
 from __future__ import annotations

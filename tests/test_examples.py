@@ -31,7 +31,7 @@ def test_diffusion_policy_dpo_improves_the_true_return(monkeypatch):
     example = load_example("diffusion_policy", monkeypatch)
     result = example.main()
     # measured in fast mode, seed 0: reference -722.3 +- 22.8, policy -658.8 +- 17.0, win rate 0.71 (CPU runs are
-    # deterministic; other seeds gain less, see docs/extending.md, so this is a regression check of seed 0)
+    # deterministic; other seeds gain less, see the README section "Extending prefopt", so this is a regression check of seed 0)
     assert result["policy_return"] > result["reference_return"]
     assert result["win_rate"] > 0.5
     assert result["num_pairs"] == 256 and result["reference_return_se"] > 0

@@ -23,7 +23,7 @@ runs the pair's episodes from one reset seed without shared actions and compares
 ``[kH, (k+1)H)``; ``random`` pairs windows of all episodes at random. ``explore_steps`` (branch only)
 draws just the first ``k`` steps from ``t0`` and takes mean actions elsewhere. The default ``gamma=0.9``
 discounts the segment log-likelihood, which weighs the steps near ``t0``, where the two segments of a
-branch pair still share their state (see docs/control.md for why). The teacher
+branch pair still share their state (see the README section "Control domain" for why). The teacher
 (:class:`~prefopt.data.teachers.ScriptedTeacher`) sees the per-step true rewards. ``offline``
 replaces the first round's pairs with a user's dataset read by
 :func:`prefopt.data.segments.load_segment_pairs` (``.npz`` or an HF ``datasets`` folder).
