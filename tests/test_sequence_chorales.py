@@ -119,17 +119,20 @@ def test_chorale_task_runs_end_to_end_and_reuses_its_caches(make_config):
         assert -5.0 <= result[side]["reward_mean"] <= 1.0
     assert result["eval_samples"] == 2 * result["eval_prompts"]
     assert "train/rewards/accuracies" in summary["train"]
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]  # iterative DPO: two rounds by default
     assert sorted(p.name for p in (run / "midi").glob("*.mid")) == [
-        "round0_prompt0_policy.mid", "round0_prompt0_reference.mid",
-        "round0_prompt1_policy.mid", "round0_prompt1_reference.mid"]
-    assert (run / "pianoroll_round0.png").stat().st_size > 1000
+        f"round{r}_prompt{k}_{side}.mid" for r in (0, 1) for k in (0, 1) for side in ("policy", "reference")]
+    for r in (0, 1):
+        assert (run / f"pianoroll_round{r}.png").stat().st_size > 1000
     assert json.loads((run / "summary.json").read_text())["eval"]["win_rate"] == result["win_rate"]
 
-    # a second run (LoRA reference, another loss) reuses the parsed chorales, the base model and the candidates
+    # a second run (frozen-copy reference, another loss) reuses the parsed chorales, the base model and the
+    # round-0 candidates
     counts = dict(BUILD_COUNTS)
-    again = train(make_config(*TINY, "loss=ipo", "reference=adapter", f"paths.cache_dir={cfg.paths.cache_dir}",
+    assert summary["reference"] == "adapter" and summary["loss"] == ["sigmoid", "sft"]  # the domain's defaults
+    again = train(make_config(*TINY, "loss=ipo", "reference=copy", f"paths.cache_dir={cfg.paths.cache_dir}",
                               subdir="ipo"))
-    assert again["reference"] == "adapter"
+    assert again["reference"] == "copy" and again["loss"] == "ipo"
     assert again["eval"]["reference"] == result["reference"]  # same base, same prompts, same seeds
     for kind in ("sequence-chorales", "sequence-base", "sequence-candidates"):
         assert BUILD_COUNTS[kind] == counts.get(kind, 0)

@@ -95,10 +95,10 @@ class ChoraleTask(Task):
     def __init__(self, limit: int | None = None, prompt_bars: int = 2, eval_fraction: float = 0.1,
                  prompt_fraction: float = 0.15, split_seed: int = 0, tokenizer: Mapping[str, Any] | None = None,
                  model: Mapping[str, Any] | None = None, pretrain: Mapping[str, Any] | None = None,
-                 samples_per_prompt: int = 16, pairing: str = "consecutive", group_size: int = 8,
+                 samples_per_prompt: int = 64, pairing: str = "branched", group_size: int = 8,
                  max_new_tokens: int = 96, temperature: float = 1.0,
-                 eval_samples: int = 4, eval_prompts: int | None = None, reward: Mapping[str, Any] | None = None,
-                 teacher: Mapping[str, Any] | None = None, batch_size: int = 32, rounds: int = 1,
+                 eval_samples: int = 8, eval_prompts: int | None = None, reward: Mapping[str, Any] | None = None,
+                 teacher: Mapping[str, Any] | None = None, batch_size: int = 32, rounds: int = 2,
                  num_midi: int = 4, progress: bool = True, seed: int = 0, cache_dir: str = ".cache/prefopt"):
         if not 0 < eval_fraction < 1 or not 0 < prompt_fraction < 1 or eval_fraction + prompt_fraction >= 1:
             raise PrefoptError(f"eval_fraction={eval_fraction}, prompt_fraction={prompt_fraction}: each must be in "
@@ -229,7 +229,7 @@ class ChoraleTask(Task):
     # ------------------------------------------------------------------------------------ samples
     def continue_prompts(self, policy: SequencePolicy, prompts: Sequence[Sequence[int]], seed: int) -> list[list[int]]:
         return policy.sample(prompts, self.max_new_tokens, EOS, seed=seed, temperature=self.temperature,
-                             banned=self.banned)
+                             banned=self.banned, batch_size=1024)
 
     def score(self, prompt: Sequence[int], completion: Sequence[int]) -> dict[str, float]:
         finished = bool(completion) and completion[-1] == EOS
@@ -283,11 +283,11 @@ class ChoraleTask(Task):
         ``pairing="consecutive"``: samples ``2i`` and ``2i + 1`` of a prompt form a pair
         (``samples_per_prompt / 2`` pairs per prompt). ``"branched"``: the same, but the two samples of a
         pair share a start (see :meth:`_branched`): they differ only after a random point, so the pair
-        says which *ending* is better, and the shared part cancels in the DPO log-ratio difference. ``"best_worst"``: the samples of a prompt are cut into
-        groups of ``group_size``; each group gives one pair, its highest- and lowest-reward samples (the
-        first of equals; a group whose rewards are all equal gives a tie), as in iterative DPO with a
-        reward model. Either way the teacher labels the pair
-        from the two rewards, so its noise (mistakes, ties, skips) applies.
+        says which *ending* is better, and the shared part cancels in the DPO log-ratio difference.
+        ``"best_worst"``: the samples of a prompt are cut into groups of ``group_size``; each group gives
+        one pair, its highest- and lowest-reward samples (the first of equals; a group whose rewards are
+        all equal gives a tie), as in iterative DPO with a reward model. Either way the teacher labels
+        every pair from the two rewards, so its noise (mistakes, ties, skips) applies.
         """
         prompts, completions = self._candidates(policy, round_index)
         rewards = torch.tensor([self.score(p, c)["reward"] for p, c in zip(prompts, completions)], dtype=torch.float64)
