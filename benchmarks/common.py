@@ -75,13 +75,14 @@ def fit_exponent(sizes, seconds) -> float:
 
 
 # ------------------------------------------------------------------------------------ peak memory
+# Each variant is measured in a fresh subprocess of its own (benchmarks.run.memory_worker), so no variant can
+# reuse memory that another one freed but the allocator kept resident.
 # On CUDA: torch.cuda.max_memory_allocated above what was allocated before the steps.
 # On CPU (Linux): the process's peak resident set (VmHWM) above its resident set before the steps, with the
-# peak reset through /proc/self/clear_refs. tracemalloc does not see torch's allocations, so the OS is asked.
-# glibc keeps freed heap memory resident and reuses it, which would hide a later variant's allocations;
-# memory runs therefore first set a fixed mmap threshold (mallopt), so every tensor above 64 KiB is its own
-# mapping, returned to the OS when freed. That makes allocation slower, so it is only done for the memory
-# runs, after all timing.
+# peak reset through /proc/self/clear_refs, so the setup's own peak is not counted. tracemalloc does not see
+# torch's allocations, so the OS is asked. glibc keeps freed heap memory resident and reuses it, which would
+# let the steps reuse what the setup freed; the worker therefore first sets a fixed mmap threshold (mallopt),
+# so every tensor above 64 KiB is its own mapping, returned to the OS when freed.
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 

@@ -16,6 +16,7 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +24,8 @@ from typing import Any, Callable
 import torch
 
 from benchmarks import common, setups, trl_runner
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FULL = dict(repeats=3, steps=3, warmup=1, memory_steps=3,
             seq=dict(vocab=512, layers=4, width=256, prompt=16, completion=48, batch=16, batches=4),
@@ -53,39 +56,56 @@ class Bench:
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
-        self.memory_jobs: list[tuple[dict, Callable[[], Any]]] = []
+        self.benchmark = None  # the name of the benchmark now running (set by main)
+        self.memory_jobs: list[dict] = []  # benchmark, title, variant, make (the factory), slot (its result dict)
 
     def compare(self, title: str, factories: dict[str, Callable[[], Any]], baseline: str, memory: bool = True):
         if self.cfg.get("memory_only"):
             out = {name: {"seconds_per_step": None, "repeats": [], "ratio": None} for name in factories}
-            if memory:
-                for name, make in factories.items():
-                    out[name]["peak_mib"] = None
-                    self.memory_jobs.append((out[name], make))
-            return out
-        log(f"{title}: timing {', '.join(factories)}")
-        runners = {name: make() for name, make in factories.items()}
-        out = common.compare(runners, baseline, self.cfg["repeats"], self.cfg["steps"], self.cfg["warmup"], log)
-        for runner in runners.values():
-            getattr(runner, "close", lambda: None)()
-        del runners
-        gc.collect()
+        else:
+            log(f"{title}: timing {', '.join(factories)}")
+            runners = {name: make() for name, make in factories.items()}
+            out = common.compare(runners, baseline, self.cfg["repeats"], self.cfg["steps"], self.cfg["warmup"], log)
+            for runner in runners.values():
+                getattr(runner, "close", lambda: None)()
+            del runners
+            gc.collect()
         if memory:
             for name, make in factories.items():
                 out[name]["peak_mib"] = None
-                self.memory_jobs.append((out[name], make))
+                self.memory_jobs.append({"benchmark": self.benchmark, "title": title, "variant": name,
+                                         "make": make, "slot": out[name]})
         return out
 
-    def run_memory(self) -> None:
-        common.enter_memory_mode()
-        for i, (slot, make) in enumerate(self.memory_jobs):
-            log(f"peak memory {i + 1}/{len(self.memory_jobs)}")
-            runner = make()
-            gc.collect()
-            slot["peak_mib"] = common.peak_memory(lambda: runner.run(self.cfg["memory_steps"]))
-            getattr(runner, "close", lambda: None)()
-            del runner
-            gc.collect()
+    def run_memory(self, threads: int | None) -> None:
+        """Measure every variant's peak memory in a fresh subprocess of its own (see :func:`memory_worker`)."""
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        for i, job in enumerate(self.memory_jobs):
+            log(f"peak memory {i + 1}/{len(self.memory_jobs)}: {job['title']}/{job['variant']} (subprocess)")
+            spec = {"cfg": self.cfg, "threads": threads, **{k: job[k] for k in ("benchmark", "title", "variant")}}
+            proc = subprocess.run([sys.executable, "-m", "benchmarks", "--_memory-worker", json.dumps(spec)],
+                                  stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT, check=True)
+            job["slot"].update(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def memory_worker(spec: dict) -> dict:
+    """The child of :meth:`Bench.run_memory`: rebuild one benchmark's setup, measure one variant, print JSON.
+
+    A fresh process per variant, so no variant reuses memory another one left resident.
+    """
+    common.enter_memory_mode()
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    bench = Bench({**spec["cfg"], "memory_only": True})
+    bench.benchmark = spec["benchmark"]
+    BENCHMARKS[spec["benchmark"]](bench)
+    make = next(j["make"] for j in bench.memory_jobs if (j["title"], j["variant"]) == (spec["title"], spec["variant"]))
+    runner = make()
+    result = {"peak_mib": common.peak_memory(lambda: runner.run(spec["cfg"]["memory_steps"])),
+              "memory_pid": os.getpid()}
+    print(json.dumps(result), flush=True)
+    return result
 
 
 # --------------------------------------------------------------------------------------- 1. TRL
@@ -332,7 +352,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads; default 1 on CPU (stable figures on a shared machine), "
                              "torch's default on GPU")
+    parser.add_argument("--_memory-worker", metavar="SPEC", help=argparse.SUPPRESS)  # see Bench.run_memory
     args = parser.parse_args(argv)
+    if args._memory_worker:
+        return memory_worker(json.loads(args._memory_worker))
     threads = args.threads or (None if torch.cuda.is_available() else 1)
     if threads:
         torch.set_num_threads(threads)
@@ -347,14 +370,15 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     for name in args.only or list(BENCHMARKS):
         torch.manual_seed(0)
+        bench.benchmark = name
         results["benchmarks"][name] = BENCHMARKS[name](bench)
         _write(out, results)  # partial results survive an interrupted run
     if not args.no_memory:
-        bench.run_memory()
-    results["peak_memory_method"] = ("cuda max_memory_allocated above the allocation before the steps"
-                                     if torch.cuda.is_available() else
-                                     "CPU: peak resident set (VmHWM, reset via /proc/self/clear_refs) above the "
-                                     "resident set before the steps, glibc mmap threshold fixed at 64 KiB")
+        bench.run_memory(threads)
+    results["peak_memory_method"] = "each variant in a fresh subprocess of its own (memory_pid); " + (
+        "cuda max_memory_allocated above the allocation before the steps" if torch.cuda.is_available() else
+        "CPU: peak resident set (VmHWM, reset via /proc/self/clear_refs) above the resident set before the "
+        "steps, glibc mmap threshold fixed at 64 KiB")
     results["table"] = table(results)
     _write(out, results)
     print(results["table"])

@@ -47,6 +47,23 @@ def test_cpu_peak_memory_sees_a_torch_allocation():
     assert 120 <= float(peak) < 400
 
 
+def test_smoke_peak_memory_is_measured_in_a_subprocess_per_variant(tmp_path):
+    out = tmp_path / "results.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--only", "diffusion_script", "--out",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert "subprocess" in results["peak_memory_method"]
+    variants = results["benchmarks"]["diffusion_script"]["variants"]
+    pids = {v["memory_pid"] for v in variants.values()}
+    assert len(pids) == len(variants)  # one fresh process per variant
+    for v in variants.values():
+        if v["peak_mib"] is None:
+            pytest.skip("no /proc/self/clear_refs on this system")
+        assert isinstance(v["peak_mib"], float) and v["peak_mib"] > 0
+
+
 def test_smoke_run_writes_every_benchmark(tmp_path):
     out = tmp_path / "results.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
