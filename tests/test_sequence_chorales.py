@@ -118,6 +118,8 @@ def test_chorale_task_runs_end_to_end_and_reuses_its_caches(make_config):
         assert torch.isfinite(torch.tensor(result[side]["nll_per_token"])) and result[side]["nll_per_token"] > 0
         assert -5.0 <= result[side]["reward_mean"] <= 1.0
     assert result["eval_samples"] == 2 * result["eval_prompts"]
+    # Bach's own continuations end with EOS: no unfinished penalty, so the reward is at least -2
+    assert -2.0 <= result["data"]["reward_mean"] <= 1.0 and 0.0 <= result["data"]["win_rate"] <= 1.0
     assert "train/rewards/accuracies" in summary["train"]
     assert [r["round"] for r in summary["rounds"]] == [0, 1]  # iterative DPO: two rounds by default
     assert sorted(p.name for p in (run / "midi").glob("*.mid")) == [
@@ -177,3 +179,11 @@ def test_branched_pairs_share_a_start_and_differ_after_it(tmp_path, monkeypatch)
         assert len(a) <= 6
     with pytest.raises(PrefoptError, match="pairing"):
         ChoraleTask(pairing="random", cache_dir=str(tmp_path))
+
+
+def test_win_rate_counts_ties_as_one_half():
+    from prefopt.tasks.sequence.task import win_rate
+
+    result = win_rate(torch.tensor([1.0, 0.0, 0.5, 0.2]), torch.tensor([0.0, 0.0, 1.0, 0.2]))
+    assert result == {"win_rate": pytest.approx((1 + 0.5 + 0 + 0.5) / 4), "win_rate_strict": 0.25,
+                      "tie_rate": 0.5}

@@ -13,6 +13,8 @@
    reference and the policy, with the same seeds (common random numbers), and reports the mean reward of
    each, the win rate (policy reward above the reference's on the same prompt and seed; a tie counts one
    half), and the held-out negative log-likelihood per token of the real eval chorales under each model.
+   For calibration, Bach's own continuations of the same openings are scored and compared with the same
+   reference samples (``eval.data``: their mean reward and win rate).
    A few melodies are written as MIDI files and a piano roll of reference vs policy samples as a PNG.
 """
 
@@ -74,6 +76,13 @@ def pair_dataset(prompts: Sequence[Sequence[int]], first: Sequence[Sequence[int]
     items_a = pad_sequences(seq_a, plen, pad_id, width)
     items_b = pad_sequences(seq_b, plen, pad_id, width)
     return TensorPairs.from_ordered(to_pairs(items_a, items_b, labels))
+
+
+def win_rate(rewards: torch.Tensor, baseline: torch.Tensor) -> dict[str, float]:
+    """How often ``rewards[i]`` beats ``baseline[i]`` (the same prompt and seed); a tie counts one half."""
+    wins, ties = (rewards > baseline).double(), (rewards == baseline).double()
+    return {"win_rate": float((wins + 0.5 * ties).mean()), "win_rate_strict": float(wins.mean()),
+            "tie_rate": float(ties.mean())}
 
 
 def _length_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
@@ -333,14 +342,15 @@ class ChoraleTask(Task):
                 summary[f"{key}_mean"] = float(sum(s[key] for s in scores) / len(scores))
             results[name], samples[name] = (summary, rewards), completions
         (ref, ref_rewards), (pol, pol_rewards) = results["reference"], results["policy"]
-        wins = (pol_rewards > ref_rewards).double()
-        ties = (pol_rewards == ref_rewards).double()
+        # calibration: Bach's own continuations of the same openings, against the same reference samples
+        real = [self.score(t[:p], t[p:])["reward"] for t, p in zip(data.tokens[:count], data.prompt_lengths[:count])]
+        real_rewards = torch.tensor(real, dtype=torch.float64).repeat_interleave(self.eval_samples)
         output_dir = Path(output_dir)
         self._write_outputs(output_dir, round_index, repeated, samples)
-        return {"reference": ref, "policy": pol,
-                "win_rate": float((wins + 0.5 * ties).mean()),
-                "win_rate_strict": float(wins.mean()), "tie_rate": float(ties.mean()),
+        return {"reference": ref, "policy": pol, **win_rate(pol_rewards, ref_rewards),
                 "nll_ratio": pol["nll_per_token"] / ref["nll_per_token"],
+                "data": {"reward_mean": float(torch.tensor(real).mean()),
+                         "win_rate": win_rate(real_rewards, ref_rewards)["win_rate"]},
                 "eval_prompts": count, "eval_samples": len(repeated)}
 
     def _write_outputs(self, output_dir: Path, round_index: int, prompts, samples) -> None:
