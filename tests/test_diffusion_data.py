@@ -71,7 +71,7 @@ def test_datasets_folder_and_image_features(tmp_path):
     records = load_preference_images(tmp_path / "hf")
     assert records.tie.tolist() == [False, False, True]
     assert decoded(records.chosen[0]) == (110, 110, 110) and decoded(records.chosen[1]) == (20, 20, 20)
-    with pytest.raises(PrefoptError, match="split 'test' not found"):
+    with pytest.raises(PrefoptError, match="split='test' not found; allowed: train"):
         load_preference_images(tmp_path / "hf", split="test")
 
 

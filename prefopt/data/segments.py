@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from prefopt.data.folders import load_dataset_folder
 from prefopt.errors import PrefoptError
 from prefopt.data.teachers import ScriptedTeacher, to_pairs
 
@@ -418,22 +419,7 @@ def _read_npz(p: Path) -> dict[str, Any]:
 
 
 def _read_datasets(p: Path, split: str | None) -> dict[str, Any]:
-    import datasets
-
-    where = str(p)
-    try:
-        ds = datasets.load_from_disk(str(p))
-    except Exception as e:  # corrupt or foreign folder
-        raise PrefoptError(f"{where}: cannot be read as a datasets folder ({type(e).__name__}: {e})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        splits = list(ds.keys())
-        if split is None and len(splits) == 1:
-            split = splits[0]
-        if split not in ds:
-            raise PrefoptError(f"{where}: split={split!r} not found; allowed: {', '.join(splits)}")
-        ds = ds[split]
-    elif split is not None:
-        raise PrefoptError(f"{where}: split={split!r} given, but the folder holds a single Dataset without splits")
+    ds = load_dataset_folder(p, split)
     if len(ds) == 0 or not ds.column_names:
         return {}
     cols = ds.with_format("numpy")[:]

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from prefopt.data.folders import load_dataset_folder
 from prefopt.errors import PrefoptError, check_choice
 
 DATA_FORMATS = ("auto", "parquet", "hf", "folder")
@@ -113,16 +114,7 @@ def load_parquet(path: Path) -> PreferenceRecords:
 
 
 def load_hf_folder(path: Path, split: str = "train") -> PreferenceRecords:
-    from datasets import DatasetDict, load_from_disk
-
-    try:
-        dataset = load_from_disk(str(path))
-    except Exception as err:
-        raise PrefoptError(f"{path}: not a datasets folder written by save_to_disk ({err})") from None
-    if isinstance(dataset, DatasetDict):
-        if split not in dataset:
-            raise PrefoptError(f"{path}: split {split!r} not found; available: {', '.join(dataset)}")
-        dataset = dataset[split]
+    dataset = load_dataset_folder(path, split)
     _check_columns(dataset.column_names, str(path))
     wanted = [c for c in (*PICKAPIC_COLUMNS, "label_1", "caption") if c in dataset.column_names]
     # Decode nothing yet: Image features come back as {"bytes", "path"} structs.

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from prefopt.adapters.sequence import SequencePolicy, base_network, load_causal_lm, pad_sequences
 from prefopt.data.pairs import TensorPairs
+from prefopt.data.folders import load_dataset_folder
 from prefopt.errors import PrefoptError
 from prefopt.policy import split_pairs
 from prefopt.reference import eval_mode
@@ -42,21 +43,7 @@ COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 def _read_rows(path: Path, split: str) -> list[dict[str, Any]]:
     if path.is_dir():
-        try:
-            from datasets import Dataset as HFDataset
-            from datasets import DatasetDict, load_from_disk
-        except ImportError:  # pragma: no cover
-            raise PrefoptError(f"pairs_path={str(path)!r} is a folder, which needs the `datasets` package") from None
-        try:
-            loaded = load_from_disk(str(path))
-        except FileNotFoundError as err:
-            raise PrefoptError(f"pairs_path={str(path)!r}: not a folder written by datasets' save_to_disk ({err})") from None
-        if isinstance(loaded, DatasetDict):
-            if split not in loaded:
-                raise PrefoptError(f"pairs_path={str(path)!r} has splits {sorted(loaded)}; split={split!r} is not one")
-            loaded = loaded[split]
-        assert isinstance(loaded, HFDataset)
-        return loaded.to_list()
+        return load_dataset_folder(path, split).to_list()
     if not path.is_file():
         raise PrefoptError(f"pairs file {str(path)!r} does not exist")
     if path.suffix in (".jsonl", ".json"):
