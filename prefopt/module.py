@@ -206,6 +206,12 @@ class PreferenceModule(L.LightningModule):
     def on_train_end(self):
         self.reference.finish(self.policy)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        from prefopt.distributed import clip_fsdp_gradients
+
+        if not clip_fsdp_gradients(self.trainer.strategy, gradient_clip_val, gradient_clip_algorithm):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         if not params:

@@ -58,10 +58,15 @@ class PreferencePolicy(nn.Module, ABC):
         policy and the reference and by both samples of a pair. Set ``stochastic = True`` too.
       * :meth:`lengths`: per-sample lengths for length-normalized losses (sequence-like models).
       * ``lora_targets``: module names that ``reference=adapter`` wraps in LoRA by default.
+      * ``fsdp_unit``: whether ``trainer=fsdp`` makes ``network`` an FSDP unit of its own. FSDP finds the
+        tensors a unit's forward returns to hook its backward, so a network whose forward returns something
+        else (a ``torch.distributions.Distribution``) must set it to ``False``: it then stays in the root
+        unit, whose output (the loss) FSDP does see.
     """
 
     stochastic: bool = False
     lora_targets: tuple[str, ...] = ()
+    fsdp_unit: bool = True
 
     def __init__(self, network: nn.Module):
         super().__init__()

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.cache import cached_tensors
 from prefopt.checkpoint_io import KeepLogsWithCheckpoints, check_checkpoint_file
 from prefopt.data.pairs import TensorPairs
+from prefopt.distributed import is_fsdp, unwrapped_policy
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.losses import REFERENCE_FREE, preference_loss
 from prefopt.module import NONFINITE_MODES, TIE_MODES, PreferenceModule, check_loss_reference
@@ -211,10 +212,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         val = task.val_pairs()
         module = build_module(cfg, policy, round_index)
         trainer = build_trainer(cfg, output_dir, round_index, resuming=bool(ckpt_path))
+        plain = copy.deepcopy(module.policy) if is_fsdp(trainer) else None  # FSDP wraps the networks in place
         trainer.fit(module, train_dataloaders=task.dataloader(pairs),
                     val_dataloaders=task.dataloader(val, train=False) if val is not None else None,
                     ckpt_path=ckpt_path, weights_only=True)
-        policy = module.policy
+        policy = module.policy if plain is None else unwrapped_policy(trainer, plain)
         train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                          if k.startswith(("train/", "val/"))}
         result = task.evaluate(reference, policy, output_dir, round_index)

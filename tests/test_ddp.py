@@ -129,3 +129,45 @@ def test_fsdp_wraps_policy_and_frozen_reference_as_separate_uniform_units(refere
         assert len({p.requires_grad for p in unit.parameters()}) == 1
     in_units = {id(p) for unit in wrapped for p in unit.parameters()}
     assert [n for n, p in module.named_parameters() if id(p) not in in_units] == []  # nothing left for the root
+
+
+def test_fsdp_leaves_distribution_valued_networks_in_the_root_unit():
+    # FSDP hooks the backward through the tensors a unit's forward returns; a control network returns a
+    # torch Distribution, so wrapping it alone fails at the first backward (seen on an H100)
+    from prefopt.adapters.control import ControlPolicy, GaussianMLP
+
+    module = PreferenceModule(ControlPolicy(GaussianMLP(3, 2, (8,))), reference="copy")
+    assert preference_networks(module) == []
+    assert preference_networks(PreferenceModule(make_policy(), reference="copy")) != []
+
+
+def test_gradient_clipping_by_norm_goes_through_fsdp_under_fsdp():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from prefopt.distributed import clip_fsdp_gradients
+
+    calls = []
+    strategy = FSDPStrategy()
+    strategy.model = SimpleNamespace(clip_grad_norm_=calls.append)
+    assert clip_fsdp_gradients(strategy, 1.5, "norm") and calls == [1.5]
+    assert clip_fsdp_gradients(strategy, 2.0, None) and calls == [1.5, 2.0]
+    assert not clip_fsdp_gradients(strategy, 1.0, "value")  # Lightning's own path handles value clipping
+    assert not clip_fsdp_gradients(strategy, None, "norm") and len(calls) == 2
+    assert not clip_fsdp_gradients(SimpleNamespace(), 1.0, "norm")  # not FSDP: Lightning clips as usual
+
+
+def test_a_gathered_full_state_dict_loads_into_a_plain_policy_copy():
+    # what train() does after fit under FSDP: the module's full state dict (policy.*, reference.*) -> a
+    # plain copy of the policy taken before fit
+    from prefopt.distributed import is_fsdp, load_policy_state
+
+    trained = PreferenceModule(make_policy(seed=1), reference="copy")
+    template = make_policy(seed=2)
+    load_policy_state(template, trained.state_dict())
+    for (name, a), (_, b) in zip(template.state_dict().items(), trained.policy.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_policy_state(make_policy(), {"reference.network.0.weight": torch.zeros(16, 3)})
+    assert not is_fsdp(object())

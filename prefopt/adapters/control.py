@@ -138,6 +138,7 @@ class ControlPolicy(PreferencePolicy):
     """
 
     lora_targets = ("body.0", "body.2")
+    fsdp_unit = False  # the network returns a Distribution, whose tensors FSDP's backward hooks cannot see
 
     def __init__(self, network: nn.Module, gamma: float = 1.0, alpha: float = 1.0):
         super().__init__(network)
