@@ -110,7 +110,7 @@ class PreferenceModule(L.LightningModule):
         losses = out.losses
         tie = batch.get("tie")
         weights = torch.ones_like(losses)
-        if tie is not None and bool(tie.any()):
+        if tie is not None:  # no `tie.any()` branch: on a GPU that would wait for the device every step
             tie = tie.to(torch.bool)
             if self.ties == "drop":
                 weights = (~tie).to(losses.dtype)
@@ -126,9 +126,10 @@ class PreferenceModule(L.LightningModule):
         return loss
 
     def _check_finite(self, stage, index, batch=None, **terms) -> bool:
-        bad = [name for name, value in terms.items() if value is not None and not torch.isfinite(value).all()]
-        if not bad:
+        given = {name: value for name, value in terms.items() if value is not None}
+        if not given or bool(torch.stack([torch.isfinite(v).all() for v in given.values()]).all()):  # one sync
             return True
+        bad = [name for name, value in given.items() if not torch.isfinite(value).all()]
         where = f"{stage} batch {index} (epoch {self.current_epoch}, step {self.global_step})"
         inputs = [k for k, v in (batch or {}).items()
                   if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]

@@ -112,5 +112,5 @@ def test_smoke_run_writes_every_benchmark(tmp_path):
         assert {"precomputed_ratio", "precomputed_met", "adapter_extra_param_mib", "adapter_met"} <= set(domain)
     assert set(bench["scaling"]) == {"sequence_batch", "sequence_length", "diffusion_batch", "diffusion_image"}
     for axis in bench["scaling"].values():
-        assert len(axis["sizes"]) == len(axis["seconds_per_step"]) >= 2
-        assert isinstance(axis["exponent"], float)
+        assert len(axis["sizes"]) == len(axis["seconds_per_step"]) == len(axis["hand_loop_seconds_per_step"]) >= 2
+        assert isinstance(axis["exponent"], float) and isinstance(axis["hand_loop_exponent"], float)

@@ -86,6 +86,14 @@ def _output(out) -> torch.Tensor:
     return out[0]
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU-drawn tensor on ``device``; to a GPU through pinned memory, so the copy does not wait for the
+    work already queued on the device."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 class DiffusionPolicy(PreferencePolicy):
     """Diffusion-DPO for a diffusers UNet (``UNet2DModel`` or ``UNet2DConditionModel``).
 
@@ -219,8 +227,8 @@ class DiffusionPolicy(PreferencePolicy):
         else:
             timesteps = torch.randint(0, self.num_train_timesteps, (half,), generator=generator)
             noise = torch.randn((half, *shape), generator=generator)
-        timesteps = timesteps.repeat(2).to(x0.device)
-        noise = noise.repeat(2, *([1] * len(shape))).to(device=x0.device, dtype=x0.dtype)
+        timesteps = _to_device(timesteps.repeat(2), x0.device)
+        noise = _to_device(noise.repeat(2, *([1] * len(shape))), x0.device).to(x0.dtype)
         return DiffusionDraw(timesteps, noise, x0, self._pair_conditioning(samples, half))
 
     def _pair_conditioning(self, samples: Mapping[str, Any], half: int) -> dict[str, torch.Tensor]:
