@@ -22,6 +22,7 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     from benchmarks import setups
+    from prefopt.data.pairs import collate_pairs
     from prefopt.module import PreferenceModule
 
     torch.set_num_threads(1)
@@ -44,7 +45,7 @@ def main() -> None:
         trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=40, max_epochs=-1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             num_sanity_val_steps=0, profiler=profiler)
-        trainer.fit(module, DataLoader(pairs, batch_size=64))
+        trainer.fit(module, DataLoader(pairs, batch_size=64, collate_fn=collate_pairs))
         print(open(f"{folder}/fit-profile.txt").read())
 
 

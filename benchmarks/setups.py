@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import device, intervals, now
-from prefopt.data.pairs import TensorPairs
+from prefopt.data.pairs import TensorPairs, collate_pairs
 from prefopt.losses import preference_loss
 from prefopt.policy import split_pairs
 
@@ -174,7 +174,8 @@ class LightningRunner:
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             num_sanity_val_steps=0, limit_val_batches=0, precision="32-true",
                             callbacks=[stamps.callback])
-        loader = DataLoader(self.pairs, batch_size=self.batch_size, shuffle=False)
+        # collate_pairs, as prefopt's tasks build their loaders
+        loader = DataLoader(self.pairs, batch_size=self.batch_size, shuffle=False, collate_fn=collate_pairs)
         trainer.fit(self.module, train_dataloaders=loader)
         self.module._trainer = None  # let the finished trainer (and its optimizer state) be freed
         return intervals(stamps.stamps)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Sequence
+from typing import Any, Mapping
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from prefopt.data.teachers import OrderedPairs
 from prefopt.errors import PrefoptError
@@ -59,10 +60,43 @@ class TensorPairs(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i) -> dict[str, torch.Tensor]:
+        """Row ``i``; with a 1-D tensor of indices, those rows already stacked into a batch."""
         row = {f"chosen_{k}": v[i] for k, v in self.chosen.items()}
         row.update({f"rejected_{k}": v[i] for k, v in self.rejected.items()})
         row.update({k: v[i] for k, v in self.shared.items()})
         row["tie"] = self.tie[i]
-        row["index"] = torch.tensor(i, dtype=torch.int64)
+        row["index"] = torch.as_tensor(i, dtype=torch.int64)
         return row
+
+    def __getitems__(self, indices: list[int]) -> "PairRows":
+        """What a ``DataLoader`` fetches for one batch: see :class:`PairRows` and :func:`collate_pairs`."""
+        return PairRows(self, indices)
+
+
+class PairRows(Sequence):
+    """The rows of one batch of a :class:`TensorPairs`, cut with one index per tensor by :meth:`batch`.
+
+    :func:`collate_pairs` takes that batch as it is (no row-by-row stacking); any other ``collate_fn``
+    sees an ordinary sequence of rows, built when it reads them.
+    """
+
+    def __init__(self, pairs: TensorPairs, indices: list[int]):
+        self.pairs, self.indices = pairs, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self.pairs[i] for i in self.indices[k]]
+        return self.pairs[self.indices[k]]
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        return self.pairs[torch.as_tensor(self.indices, dtype=torch.int64)]
+
+
+def collate_pairs(rows: Any) -> Any:
+    """A ``DataLoader`` ``collate_fn``: a :class:`TensorPairs` batch is cut in one step, other datasets' rows
+    go through ``default_collate``. The batch is the same either way."""
+    return rows.batch() if isinstance(rows, PairRows) else default_collate(rows)

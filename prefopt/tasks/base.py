@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from prefopt.data.pairs import collate_pairs
 from prefopt.policy import PreferencePolicy
 
 
@@ -87,4 +88,5 @@ class Task(ABC):
 
     def dataloader(self, dataset: Dataset, train: bool = True) -> DataLoader:
         sampler = EpochShuffleSampler(len(dataset), self.seed) if train else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=False)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=False,
+                          collate_fn=collate_pairs)

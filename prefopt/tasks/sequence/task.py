@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from prefopt.adapters.sequence import SequencePolicy, pad_sequences, trim_pair_batch
 from prefopt.cache import cached_tensors
-from prefopt.data.pairs import TensorPairs
+from prefopt.data.pairs import TensorPairs, collate_pairs
 from prefopt.data.teachers import ScriptedTeacher, to_pairs
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.tasks.bandit import mean_and_se
@@ -60,10 +60,8 @@ def _options(name: str, given: Mapping[str, Any] | None, defaults: Mapping[str, 
 def sequence_dataloader(dataset: Dataset, batch_size: int, seed: int, train: bool = True) -> DataLoader:
     """Batches of pair rows with the all-padding columns at the end trimmed away."""
     sampler = EpochShuffleSampler(len(dataset), seed) if train else None
-    from torch.utils.data import default_collate
-
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                      collate_fn=lambda rows: trim_pair_batch(default_collate(rows)))
+                      collate_fn=lambda rows: trim_pair_batch(collate_pairs(rows)))
 
 
 def pair_dataset(prompts: Sequence[Sequence[int]], first: Sequence[Sequence[int]], second: Sequence[Sequence[int]],
