@@ -8,9 +8,8 @@ the reference's unit (``reference=copy`` or ``sync``) is all frozen and is shard
 root unit keeps whatever is left (nothing, for the sequence and diffusion adapters). A policy whose network
 returns something other than tensors (the control adapter's ``Distribution``) sets ``fsdp_unit = False``:
 its networks stay in the root unit, trainable and frozen parameters mixed, which ``use_orig_params=True``
-accepts. Both networks have the same structure,
-so their shards line up parameter by parameter on every rank, which is what ``reference=sync``'s in-place
-``ref <- a * policy + (1 - a) * ref`` needs.
+accepts. Both networks have the same structure, so their shards line up parameter by parameter on every
+rank, which is what ``reference=sync``'s in-place ``ref <- a * policy + (1 - a) * ref`` needs.
 
 ``reference=adapter`` keeps frozen base weights and trainable LoRA weights in one network: that unit is mixed,
 which FSDP accepts with ``use_orig_params=True`` (Lightning's default, kept here).
