@@ -15,6 +15,13 @@ from prefopt.data.pairs import collate_pairs
 from prefopt.policy import PreferencePolicy
 
 
+def win_rate(scores: torch.Tensor, baseline: torch.Tensor) -> dict[str, float]:
+    """How often ``scores[i]`` beats ``baseline[i]`` (the same prompt, seed or pair); a tie counts one half."""
+    wins, ties = (scores > baseline).double(), (scores == baseline).double()
+    return {"win_rate": float((wins + 0.5 * ties).mean()), "win_rate_strict": float(wins.mean()),
+            "tie_rate": float(ties.mean())}
+
+
 class EpochShuffleSampler(DistributedSampler):
     """A shuffle whose order depends only on ``(seed, epoch)``.
 

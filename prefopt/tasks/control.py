@@ -56,7 +56,7 @@ from prefopt.data.teachers import ScriptedTeacher, to_pairs
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.policy import split_pairs
 from prefopt.reference import eval_mode
-from prefopt.tasks.base import Task
+from prefopt.tasks.base import Task, win_rate
 from prefopt.tasks.bandit import mean_and_se
 
 BASE_KINDS = ("bc", "checkpoint", "scratch")
@@ -669,7 +669,6 @@ class ControlTask(Task):
         (ref_mean, ref_se), (pol_mean, pol_se) = mean_and_se(ref_returns), mean_and_se(pol_returns)
         diff_mean, diff_se_paired = mean_and_se(pol_returns - ref_returns)
         diff_se = math.sqrt(ref_se ** 2 + pol_se ** 2)
-        wins = (pol_returns > ref_returns).double() + 0.5 * (pol_returns == ref_returns).double()
         self._history.append({"round": round_index, "mean": pol_mean, "se": pol_se})
         plot = plot_returns(self._history, ref_mean, ref_se, output_dir / "returns.png", self.env_id)
         return {
@@ -677,7 +676,7 @@ class ControlTask(Task):
             "eval_episodes": self.eval_episodes,
             "reference": {"return_mean": ref_mean, "return_se": ref_se},
             "policy": {"return_mean": pol_mean, "return_se": pol_se},
-            "win_rate": float(wins.mean()),
+            "win_rate": win_rate(pol_returns, ref_returns)["win_rate"],
             "improvement": diff_mean,
             "improvement_se": diff_se,
             "improvement_se_paired": diff_se_paired,

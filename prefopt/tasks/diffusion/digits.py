@@ -40,7 +40,7 @@ from prefopt.data.pairs import TensorPairs
 from prefopt.data.teachers import ScriptedTeacher, to_pairs
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.tasks.bandit import mean_and_se
-from prefopt.tasks.base import Task
+from prefopt.tasks.base import Task, win_rate
 from prefopt.tasks.diffusion.rewards import HELD_OUT, PIXEL_REWARDS, REWARDS, Legibility
 
 log = logging.getLogger(__name__)
@@ -346,7 +346,6 @@ class DigitsDiffusionTask(Task):
         ref_eval, pol_eval = self.eval_reward(ref_images, labels), self.eval_reward(pol_images, labels)
         ref_train, pol_train = self.train_reward(ref_images, labels), self.train_reward(pol_images, labels)
         ref_acc, pol_acc = self.accuracy(ref_images, labels), self.accuracy(pol_images, labels)
-        wins = (pol_eval > ref_eval).double() + 0.5 * (pol_eval == ref_eval).double()
 
         def scores(eval_r, train_r, acc):
             (m, se), (tm, tse), (am, ase) = mean_and_se(eval_r), mean_and_se(train_r), mean_and_se(acc)
@@ -360,7 +359,7 @@ class DigitsDiffusionTask(Task):
             "eval_reward": self.eval_reward_name,
             "reference": scores(ref_eval, ref_train, ref_acc),
             "policy": scores(pol_eval, pol_train, pol_acc),
-            "win_rate": float(wins.mean()),
+            "win_rate": win_rate(pol_eval, ref_eval)["win_rate"],
             "realism_gap": float(pol_acc.mean() - ref_acc.mean()),
             "num_eval": n,
             "grid": grid_path.name,

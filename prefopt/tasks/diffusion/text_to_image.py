@@ -30,7 +30,7 @@ from prefopt.errors import PrefoptError, check_choice
 from prefopt.policy import concatenate_pairs, split_pairs
 from prefopt.reference import eval_mode
 from prefopt.tasks.bandit import mean_and_se
-from prefopt.tasks.base import Task
+from prefopt.tasks.base import Task, win_rate
 from prefopt.tasks.diffusion.data import DATA_FORMATS, ImagePairs, load_pipeline, load_preference_images
 from prefopt.tasks.diffusion.digits import DRAW_MODES
 from prefopt.tasks.diffusion.rewards import PIXEL_REWARDS
@@ -173,12 +173,11 @@ class ImagePreferenceTask(Task):
         ref_correct = (ref_lp[:, 0] > ref_lp[:, 1]).double()[keep]
         pol_correct = (pol_lp[:, 0] > pol_lp[:, 1]).double()[keep]
         margin = ((pol_lp[:, 0] - ref_lp[:, 0]) - (pol_lp[:, 1] - ref_lp[:, 1]))[keep]
-        wins = (margin > 0).double() + 0.5 * (margin == 0).double()
         (ref_acc, ref_se), (pol_acc, pol_se) = mean_and_se(ref_correct), mean_and_se(pol_correct)
         result: dict[str, Any] = {
             "reference": {"preference_accuracy": ref_acc, "preference_accuracy_se": ref_se},
             "policy": {"preference_accuracy": pol_acc, "preference_accuracy_se": pol_se},
-            "win_rate": float(wins.mean()),
+            "win_rate": win_rate(margin, torch.zeros_like(margin))["win_rate"],
             "num_eval_pairs": int(keep.sum()),
         }
         result.update(self._samples(reference, policy, val.captions, output_dir, round_index, result))
@@ -210,7 +209,7 @@ class ImagePreferenceTask(Task):
             reward = PIXEL_REWARDS[self.eval_reward]
             ref_r, pol_r = reward(ref_images.cpu(), None), reward(pol_images.cpu(), None)
             out["sample_reward"] = self.eval_reward
-            out["sample_win_rate"] = float(((pol_r > ref_r).double() + 0.5 * (pol_r == ref_r).double()).mean())
+            out["sample_win_rate"] = win_rate(pol_r, ref_r)["win_rate"]
             result["reference"]["sample_reward_mean"] = mean_and_se(ref_r)[0]
             result["policy"]["sample_reward_mean"] = mean_and_se(pol_r)[0]
         return out

@@ -35,7 +35,7 @@ from prefopt.data.folders import load_dataset_folder
 from prefopt.errors import PrefoptError
 from prefopt.policy import split_pairs
 from prefopt.reference import eval_mode
-from prefopt.tasks.base import Task
+from prefopt.tasks.base import Task, win_rate
 from prefopt.tasks.sequence.task import sequence_dataloader
 
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -275,8 +275,8 @@ class SequencePairsTask(Task):
             scores[name] = (c, r)
         (pc, pr), (rc, rr) = scores["policy"], scores["reference"]
         implicit = (pc - rc) - (pr - rr)
-        win = (implicit > 0).double() + 0.5 * (implicit == 0).double()
-        return {"reference": out["reference"], "policy": out["policy"], "win_rate": float(win.mean()),
+        return {"reference": out["reference"], "policy": out["policy"],
+                "win_rate": win_rate(implicit, torch.zeros_like(implicit))["win_rate"],
                 "eval_pairs": len(rows)}
 
 

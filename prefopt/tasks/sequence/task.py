@@ -34,7 +34,7 @@ from prefopt.data.pairs import TensorPairs, collate_pairs
 from prefopt.data.teachers import ScriptedTeacher, to_pairs
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.tasks.bandit import mean_and_se
-from prefopt.tasks.base import EpochShuffleSampler, Task
+from prefopt.tasks.base import EpochShuffleSampler, Task, win_rate
 from prefopt.tasks.sequence.chorales import (BOS, EOS, MAJOR, MINOR, PAD, PARSE_VERSION, ChoraleTokenizer, Chorales,
                                              load_chorales, write_midi)
 from prefopt.tasks.sequence.model import MelodyTransformer
@@ -74,13 +74,6 @@ def pair_dataset(prompts: Sequence[Sequence[int]], first: Sequence[Sequence[int]
     items_a = pad_sequences(seq_a, plen, pad_id, width)
     items_b = pad_sequences(seq_b, plen, pad_id, width)
     return TensorPairs.from_ordered(to_pairs(items_a, items_b, labels))
-
-
-def win_rate(rewards: torch.Tensor, baseline: torch.Tensor) -> dict[str, float]:
-    """How often ``rewards[i]`` beats ``baseline[i]`` (the same prompt and seed); a tie counts one half."""
-    wins, ties = (rewards > baseline).double(), (rewards == baseline).double()
-    return {"win_rate": float((wins + 0.5 * ties).mean()), "win_rate_strict": float(wins.mean()),
-            "tie_rate": float(ties.mean())}
 
 
 def _length_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
