@@ -50,7 +50,8 @@ def _run(cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from prefopt.train import atomic_write_text, train
+    from prefopt.atomic import atomic_write
+    from prefopt.train import train
 
     try:
         summary = train(cfg)
@@ -65,7 +66,7 @@ def _run(cfg: DictConfig) -> float | None:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             # keep the sweep going; the report lists this run as failed
             Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
-            atomic_write_text(Path(cfg.paths.output_dir) / "error.txt", f"{type(err).__name__}: {err}\n")
+            atomic_write(Path(cfg.paths.output_dir) / "error.txt", f"{type(err).__name__}: {err}\n")
             return None
         raise SystemExit(2) from None
     log.info("summary: %s", {k: summary[k] for k in ("domain", "loss", "beta", "reference", "seed")})
