@@ -484,7 +484,7 @@ class DiffusionPolicy(PreferencePolicy):
             for start in starts:
                 stop = start + batch_size
                 self._set_timesteps(sampler, int(num_inference_steps), device, network, noise.shape)
-                x = noise[start:stop].to(device) * sampler.init_noise_sigma
+                x = noise[start:stop].to(device) * getattr(sampler, "init_noise_sigma", 1.0)
                 rows = x.shape[0]
                 cond = {k: _cast(v[start:stop].to(device), dtype) for k, v in conditioning.items()}
                 neg = ({k: _cast(v[start:stop].to(device), dtype) for k, v in negative_conditioning.items()}
