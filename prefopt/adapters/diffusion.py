@@ -72,8 +72,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from prefopt.adapters.diffusion_families import (ATTENTION_PROJECTIONS, FAMILIES, embeds_guidance, family_for,
-                                                 image_sequence_length, output, required_inputs)
+from prefopt.adapters.diffusion_families import (ATTENTION_PROJECTIONS, FAMILIES, disable_label_dropout,
+                                                 embeds_guidance, family_for, image_sequence_length, output,
+                                                 required_inputs)
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.policy import PreferencePolicy
 from prefopt.reference import eval_mode
@@ -193,6 +194,7 @@ class DiffusionPolicy(PreferencePolicy):
         self.family = family_for(network) if not overrides_predict else _family_or_generic(network)
         self.required = required_inputs(network, self.family)
         self.embedded_guidance = float(embedded_guidance) if embeds_guidance(network) else None
+        disable_label_dropout(network)  # DiT: one pair, one label, for the policy and the reference
         if lora_targets is not None:
             self.lora_targets = tuple(lora_targets)
         elif type(self).lora_targets is DiffusionPolicy.lora_targets:  # not set by a subclass
