@@ -239,8 +239,9 @@ class DiffusionPolicy(PreferencePolicy):
             raise PrefoptError(f"scheduler {type(scheduler).__name__}: its training schedule has "
                                f"{timesteps.shape[0]} timesteps, not num_train_timesteps="
                                f"{scheduler.config.num_train_timesteps}")
-        self._train_timesteps = timesteps  # CPU copy, indexed by draw()
-        self.register_buffer("_train_table", torch.stack([timesteps, sigmas]), persistent=False)
+        # float32 and not a buffer, so a precision cast of the module (bf16-true) cannot round the table
+        self._train_timesteps = timesteps  # indexed by draw() on the CPU
+        self._train_table = {torch.device("cpu"): torch.stack([timesteps, sigmas])}  # per device, for flow_sigmas
         return FLOW_PREDICTION
 
     def train(self, mode: bool = True):
@@ -379,7 +380,9 @@ class DiffusionPolicy(PreferencePolicy):
     def flow_sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Sigma of each flow-matching timestep: the training schedule's sigma where ``t`` is one of its
         timesteps (diffusers' ``get_sigmas``), else ``t / num_train_timesteps``."""
-        table_t, table_s = self._train_table.to(timesteps.device)
+        if timesteps.device not in self._train_table:
+            self._train_table[timesteps.device] = self._train_table[torch.device("cpu")].to(timesteps.device)
+        table_t, table_s = self._train_table[timesteps.device]
         timesteps = timesteps.float()
         match = timesteps[:, None] == table_t[None, :]
         return torch.where(match.any(dim=1), table_s[match.float().argmax(dim=1)],
