@@ -358,3 +358,33 @@ def test_unsupported_family_and_missing_inputs_raise_clear_errors():
     sdxl, _, _, _ = build("UNet2DConditionModel (SDXL)")
     with pytest.raises(PrefoptError, match="needs 'text_embeds', 'time_ids'"):
         sdxl.draw(concatenate_pairs(pair_batch(("encoder_hidden_states",))))
+
+
+def test_lightning_trains_flux_with_two_draws_per_pair_and_a_precomputed_reference(tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from prefopt.data.pairs import TensorPairs, collate_pairs
+
+    network = _seeded(_flux)()
+    policy = DiffusionPolicy(network, _flux_scheduler(), draws_per_pair=2, likelihood_scale=0.5)
+    g = torch.Generator().manual_seed(0)
+    pairs = TensorPairs({"latents": torch.randn(4, C, H, H, generator=g)},
+                        {"latents": torch.randn(4, C, H, H, generator=g)},
+                        shared={"encoder_hidden_states": torch.randn(4, 5, 16, generator=g),
+                                "pooled_projections": torch.randn(4, 8, generator=g),
+                                "seed": torch.arange(4)})
+    module = PreferenceModule(policy, loss={"loss_type": "sigmoid", "beta": 100.0}, reference="precomputed",
+                              optimizer=lambda params: torch.optim.Adam(params, lr=1e-2))
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(pairs, batch_size=2, collate_fn=collate_pairs))
+    assert trainer.global_step == 2 and torch.isfinite(module.reference.cache).all()
+    assert any(not torch.equal(v, before[k]) for k, v in policy.network.state_dict().items())
+    # the cache holds the untrained Flux's two-draw surrogate of each example under its seed
+    batch = collate_pairs(pairs.__getitems__([2, 3]))
+    samples = concatenate_pairs(batch)
+    with torch.no_grad():
+        expected = policy.log_likelihood(_seeded(_flux)().eval(), samples, policy.draw(samples))
+    torch.testing.assert_close(module.reference.logps(policy, samples, None), expected, rtol=1e-5, atol=1e-6)
