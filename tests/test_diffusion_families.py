@@ -33,8 +33,9 @@ def _seeded(build):
 # network builder, scheduler builder, extra (shared) conditioning of a pair batch, the call by hand
 def _unet():
     return UNet2DModel(sample_size=H, in_channels=C, out_channels=C, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       attention_head_dim=4, norm_num_groups=4, num_class_embeds=3)
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4, norm_num_groups=4,
+                       num_class_embeds=3)
 
 
 def _sdxl_unet():

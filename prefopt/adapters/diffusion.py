@@ -65,7 +65,6 @@ What a subclass may change: :meth:`predict` (how the network is called: a model 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -73,7 +72,7 @@ import torch
 from torch import nn
 
 from prefopt.adapters.diffusion_families import (ATTENTION_PROJECTIONS, FAMILIES, disable_label_dropout,
-                                                 embeds_guidance, family_for, image_sequence_length, output,
+                                                 embeds_guidance, family_for, image_sequence_length,
                                                  required_inputs)
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.policy import PreferencePolicy
@@ -109,9 +108,6 @@ class DiffusionDraw:
     noise: torch.Tensor
     inputs: torch.Tensor | None = None
     conditioning: dict[str, torch.Tensor] | None = None
-
-
-_output = output  # the old private name, kept for subclasses that import it
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

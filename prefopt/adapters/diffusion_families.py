@@ -24,10 +24,11 @@ family                         call
 
 DiT- and PixArt-type models that also predict the variance (``out_channels = 2 * in_channels``) give their
 first half, as their pipelines do; their class-label dropout (for classifier-free guidance training) is turned
-off, so the policy and the reference see the same labels (:func:`disable_label_dropout`). A network of a class not in the table (and not a subclass of one) is called
-as ``network(x_t, t, **conditioning)`` when it is a plain ``nn.Module`` (a user's own denoiser); a diffusers
-model of another class is refused with the list of the supported ones. To call any other model, subclass
-``DiffusionPolicy`` and override :meth:`~prefopt.adapters.diffusion.DiffusionPolicy.predict`.
+off, so the policy and the reference see the same labels (:func:`disable_label_dropout`). A network of a class
+not in the table (and not a subclass of one) is called as ``network(x_t, t, **conditioning)`` when it is a plain
+``nn.Module`` (a user's own denoiser); a diffusers model of another class is refused with the list of the
+supported ones. To call any other model, subclass ``DiffusionPolicy`` and override
+:meth:`~prefopt.adapters.diffusion.DiffusionPolicy.predict`.
 """
 
 from __future__ import annotations
@@ -216,5 +217,6 @@ def image_sequence_length(network: nn.Module, family: Family, height: int, width
     return (height // patch) * (width // patch)
 
 
-__all__ = ["ATTENTION_PROJECTIONS", "FAMILIES", "disable_label_dropout", "Family", "GENERIC", "JOINT_ATTENTION_PROJECTIONS",
-           "embeds_guidance", "family_for", "image_sequence_length", "output", "required_inputs"]
+__all__ = ["ATTENTION_PROJECTIONS", "FAMILIES", "Family", "GENERIC", "JOINT_ATTENTION_PROJECTIONS",
+           "disable_label_dropout", "embeds_guidance", "family_for", "image_sequence_length", "output",
+           "required_inputs"]
