@@ -16,8 +16,8 @@ from prefopt.policy import concatenate_pairs, split_pairs
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (DDPMScheduler, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler,  # noqa: E402
-                       FluxPipeline, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel,
-                       Transformer2DModel, UNet2DConditionModel, UNet2DModel)
+                       FluxTransformer2DModel, PixArtTransformer2DModel, SanaTransformer2DModel,
+                       SD3Transformer2DModel, Transformer2DModel, UNet2DConditionModel, UNet2DModel)
 
 torch.set_num_threads(1)
 B, C, H = 2, 4, 8  # pairs, latent channels, latent side
@@ -56,6 +56,12 @@ def _flux():
     return FluxTransformer2DModel(patch_size=1, in_channels=4 * C, num_layers=1, num_single_layers=1,
                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                   pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+
+
+def _sana():
+    return SanaTransformer2DModel(in_channels=C, out_channels=C, num_attention_heads=2, attention_head_dim=8,
+                                  num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                  cross_attention_dim=16, caption_channels=16, sample_size=H, timestep_scale=0.5)
 
 
 def _dit():
@@ -125,6 +131,10 @@ def _hand_flux(net, x, t, c):
     return out.view(n, H // 2, H // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, C, H, H)
 
 
+def _hand_sana(net, x, t, c):  # SanaPipeline: timestep * config.timestep_scale
+    return net(x, encoder_hidden_states=c["encoder_hidden_states"], timestep=t * 0.5, return_dict=False)[0]
+
+
 def _hand_dit(net, x, t, c):  # DiTPipeline: learned sigma, keep the first C channels
     return net(x, timestep=t, class_labels=c["class_labels"]).sample[:, :C]
 
@@ -141,11 +151,12 @@ CASES = {
                                     _hand_sdxl),
     "SD3Transformer2DModel": (_sd3, _sd3_scheduler, ("encoder_hidden_states", "pooled_projections"), _hand_sd3),
     "FluxTransformer2DModel": (_flux, _flux_scheduler, ("encoder_hidden_states", "pooled_projections"), _hand_flux),
+    "SanaTransformer2DModel": (_sana, _sd3_scheduler, ("encoder_hidden_states",), _hand_sana),
     "DiTTransformer2DModel": (_dit, _sd3_scheduler, ("class_labels",), _hand_dit),
     "PixArtTransformer2DModel": (_pixart, _ddpm, ("encoder_hidden_states",), _hand_pixart),
     "Transformer2DModel (class)": (_transformer_2d_class, _sd3_scheduler, ("class_labels",), _hand_dit),
 }
-TRANSFORMERS = ["SD3Transformer2DModel", "FluxTransformer2DModel", "DiTTransformer2DModel",
+TRANSFORMERS = ["SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel", "DiTTransformer2DModel",
                 "PixArtTransformer2DModel", "Transformer2DModel (class)"]
 
 
