@@ -286,10 +286,11 @@ def test_flux_generation_uses_embedded_guidance_and_the_dynamic_shift():
         policy.generate(noise, cond, negative_conditioning=cond)
 
 
-def test_sd3_generation_with_classifier_free_guidance_is_deterministic():
-    policy, keys, _, _ = build("SD3Transformer2DModel")
+@pytest.mark.parametrize("case", ["SD3Transformer2DModel", "UNet2DConditionModel (SDXL)"])
+def test_generation_with_classifier_free_guidance_is_deterministic(case):
+    policy, keys, _, _ = build(case)
     cond = _cond(keys, torch.Generator().manual_seed(0))
-    negative = {k: torch.zeros_like(v) for k, v in cond.items()}
+    negative = {k: torch.zeros_like(v) for k, v in cond.items() if k != "time_ids"}  # SDXL: shared time_ids
     noise = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(1))
     first = policy.generate(noise, cond, num_inference_steps=2, guidance_scale=4.0, negative_conditioning=negative)
     second = policy.generate(noise, cond, num_inference_steps=2, guidance_scale=4.0, negative_conditioning=negative,

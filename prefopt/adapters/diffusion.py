@@ -496,7 +496,8 @@ class DiffusionPolicy(PreferencePolicy):
                     if neg is None:
                         pred = self.predict(network, model_in, t.expand(rows), cond)
                     else:
-                        both = {k: torch.cat([neg[k], cond[k]]) for k in cond}
+                        # a key the negative side leaves out (SDXL's time_ids) is the same for both halves
+                        both = {k: torch.cat([neg.get(k, cond[k]), cond[k]]) for k in cond}
                         pred = self.predict(network, torch.cat([model_in, model_in]), t.expand(2 * rows), both)
                         uncond, text = pred.chunk(2)
                         pred = uncond + guidance_scale * (text - uncond)
