@@ -304,6 +304,11 @@ def test_bad_flow_options_raise_clear_errors():
         DiffusionPolicy(network, EulerDiscreteScheduler())
     with pytest.raises(PrefoptError, match=r"object has no add_noise.*FlowMatchEulerDiscreteScheduler"):
         DiffusionPolicy(network, object())
+    from diffusers import DPMSolverMultistepScheduler
+
+    sana_style = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    with pytest.raises(PrefoptError, match="flow_prediction: train a flow-matching model with FlowMatchEuler"):
+        DiffusionPolicy(network, sana_style)
     flow = FlowMatchEulerDiscreteScheduler()
     with pytest.raises(PrefoptError, match="timestep_sampling='normal'.*logit_normal, mode, uniform"):
         DiffusionPolicy(network, flow, timestep_sampling="normal")

@@ -207,6 +207,9 @@ class DiffusionPolicy(PreferencePolicy):
         _check_forward_process(scheduler)
         if prediction_type is None:
             prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
+        if prediction_type == FLOW_PREDICTION:  # e.g. Sana's DPMSolverMultistepScheduler(use_flow_sigmas=True)
+            raise PrefoptError(f"scheduler {type(scheduler).__name__} with prediction_type=flow_prediction: train a "
+                               f"flow-matching model with {', '.join(FLOW_SCHEDULERS)} (shift = its flow_shift)")
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         if prediction_type == "v_prediction" and not callable(getattr(scheduler, "get_velocity", None)):
             raise PrefoptError(f"prediction_type=v_prediction needs scheduler.get_velocity(); "
