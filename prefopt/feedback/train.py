@@ -107,7 +107,7 @@ def check_loss(cfg, loss: Mapping[str, Any]) -> bool:
     if fc.layout == "pairs":
         if loss_type in UNPAIRED_LOSS_TYPES + LISTWISE_LOSS_TYPES:
             needs = "binary" if loss_type in UNPAIRED_LOSS_TYPES else "ranking"
-            raise PrefoptError(f"loss={loss_type} needs feedback={needs}; feedback={fc.kind} trains on pairs")
+            raise PrefoptError(f"loss={loss_type} needs feedback={needs}; feedback={fc.kind} trains on pairs "
                                f"(use feedback={'binary' if loss_type in UNPAIRED_LOSS_TYPES else 'ranking'})")
         return False
     dummy = torch.zeros(2)
