@@ -189,3 +189,20 @@ def test_ranking_trains_with_adapter_reference():
     state = module.policy.network.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in base.items())  # the reference (base weights) is frozen
     assert any(not torch.equal(v, state[k]) for k, v in lora.items())
+
+
+def test_pairs_train_the_binary_and_ranking_modules():
+    from tests.toy import make_pairs
+
+    pairs = make_pairs(n=64)
+    batch = pairs[torch.arange(8)]
+    module = BinaryFeedbackModule(make_policy(), loss={"loss_type": "kto", "beta": 0.5})
+    from prefopt.feedback.data import pairs_as_ranking, pairs_as_samples
+    samples = pairs_as_samples(batch)
+    assert samples["label"].tolist() == [1] * 8 + [0] * 8
+    assert torch.equal(samples["sample_y"][8:], batch["rejected_y"]) and torch.equal(samples["x"][8:], batch["x"])
+    ranked = pairs_as_ranking(batch)
+    assert torch.equal(ranked["ranked_y"][:, 1], batch["rejected_y"]) and ranked["tie"].shape == (8, 1)
+    _train(module, pairs, epochs=1)
+    pl = RankingFeedbackModule(make_policy(), loss={"loss_type": "plackett_luce", "beta": 0.5})
+    _train(pl, pairs, epochs=1)

@@ -27,16 +27,17 @@ from torch.utils.data import Dataset
 
 from prefopt.data.pairs import PairRows, TensorPairs
 from prefopt.errors import PrefoptError
+from prefopt.policy import CHOSEN, REJECTED
 
 SAMPLE, RANKED = "sample_", "ranked_"
 #: batch keys that are bookkeeping, not a condition of the sample
-BOOKKEEPING = frozenset({"label", "index", "tie", "score"})
+BOOKKEEPING = frozenset({"label", "index", "tie", "score", "weight"})
 
 
 # ---------------------------------------------------------------------------------------- layouts
 def concatenate_samples(batch: Mapping[str, Any]) -> dict[str, Any]:
     """Binary batch of ``B`` rows -> the policy's sample batch of ``B`` rows (prefix stripped)."""
-    out = {k[len(SAMPLE):] if k.startswith(SAMPLE) else k: v for k, v in batch.items() if k != "label"}
+    out = {k[len(SAMPLE):] if k.startswith(SAMPLE) else k: v for k, v in batch.items() if k not in ("label", "weight")}
     return out
 
 
@@ -72,6 +73,51 @@ def concatenate_ranked(batch: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
         else:
             out[key] = value
     return out, k
+
+
+def is_pair_batch(batch: Mapping[str, Any]) -> bool:
+    return any(k.startswith(CHOSEN) for k in batch)
+
+
+def pairs_as_samples(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A pair batch of ``B`` pairs as a binary batch of ``2B`` samples: the chosen samples desirable, the rejected
+    ones undesirable (TRL's ``unpair_preference_dataset``); a tied pair's samples get ``weight`` 0."""
+    out: dict[str, Any] = {}
+    size = None
+    for key, value in batch.items():
+        if key.startswith(CHOSEN):
+            name = key[len(CHOSEN):]
+            out[SAMPLE + name] = torch.cat([value, batch[REJECTED + name]])
+            size = value.shape[0]
+        elif key.startswith(REJECTED) or key == "tie":
+            continue
+        elif torch.is_tensor(value):
+            out[key] = torch.cat([value, value])
+        else:
+            out[key] = value
+    device = out[next(k for k in out if k.startswith(SAMPLE))].device
+    out["label"] = torch.cat([torch.ones(size, dtype=torch.int64, device=device),
+                              torch.zeros(size, dtype=torch.int64, device=device)])
+    tie = batch.get("tie")
+    if tie is not None:
+        out["weight"] = (~torch.cat([tie, tie]).to(torch.bool)).float()
+    return out
+
+
+def pairs_as_ranking(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A pair batch as a ranking batch of ``K = 2`` (chosen first)."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if key.startswith(CHOSEN):
+            name = key[len(CHOSEN):]
+            out[RANKED + name] = torch.stack([value, batch[REJECTED + name]], dim=1)
+        elif key.startswith(REJECTED):
+            continue
+        elif key == "tie":
+            out["tie"] = value.to(torch.bool).reshape(-1, 1)
+        else:
+            out[key] = value
+    return out
 
 
 def split_ranked(values: torch.Tensor, k: int) -> torch.Tensor:

@@ -20,7 +20,16 @@ from typing import Any, Mapping
 import torch
 
 from prefopt.errors import PrefoptError, check_choice
-from prefopt.feedback.data import concatenate_ranked, concatenate_samples, has_condition, mismatched_samples, split_ranked
+from prefopt.feedback.data import (
+    concatenate_ranked,
+    concatenate_samples,
+    has_condition,
+    is_pair_batch,
+    mismatched_samples,
+    pairs_as_ranking,
+    pairs_as_samples,
+    split_ranked,
+)
 from prefopt.feedback.losses import (
     LISTWISE_LOSS_TYPES,
     UNPAIRED_LOSS_TYPES,
@@ -81,6 +90,9 @@ class _FeedbackModule(PreferenceModule):
 class BinaryFeedbackModule(_FeedbackModule):
     """KTO / unpaired APO-zero on batches of single samples with a 0/1 ``label`` (see :mod:`prefopt.feedback`).
 
+    Pair batches are accepted too: their chosen samples are desirable and their rejected ones undesirable
+    (TRL's ``unpair_preference_dataset``); a tied pair's two samples are left out of the loss.
+
     ``loss`` holds ``loss_type`` (``kto`` or ``apo_zero_unpaired``), ``beta``, ``desirable_weight`` and
     ``undesirable_weight`` (TRL's defaults 1.0) and ``kl`` -- how KTO's reference point is estimated:
 
@@ -136,6 +148,9 @@ class BinaryFeedbackModule(_FeedbackModule):
         return self.trainer.strategy.reduce(kl.detach(), reduce_op="mean").clamp(min=0)  # TRL: gathered mean
 
     def _shared_step(self, batch, stage: str, index: int):
+        from_pairs = is_pair_batch(batch)
+        if from_pairs:
+            batch = pairs_as_samples(batch)
         logps, ref, kl = self.sample_logps(batch, self._generator(stage, index))
         kl = self._reduce_kl(kl)
         if kl is not None and kl.dim():
@@ -143,13 +158,15 @@ class BinaryFeedbackModule(_FeedbackModule):
         label = batch["label"]
         out = unpaired_loss(self.loss_kwargs["loss_type"], logps, ref, label, beta=self.loss_kwargs["beta"], kl=kl,
                             desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
-        loss = out.losses.mean()
+        weight = batch.get("weight")  # tied pairs split into samples carry weight 0
+        loss = out.losses.mean() if weight is None else (out.losses * weight).sum() / weight.sum().clamp_min(1.0)
         if not self._check_finite(stage, index, batch, logps=logps, reference_logps=ref, loss=loss):
             return None
-        self._log(stage, loss, out.rewards, logps, label.to(torch.bool), kl, batch_size=logps.shape[0])
+        self._log(stage, loss, out.rewards, logps, label.to(torch.bool), kl, batch_size=logps.shape[0],
+                  pair_weight=(weight if weight is not None else torch.ones_like(logps)) if from_pairs else None)
         return loss
 
-    def _log(self, stage, loss, rewards, logps, desirable, kl, batch_size):
+    def _log(self, stage, loss, rewards, logps, desirable, kl, batch_size, pair_weight=None):
         on_step = stage == "train"
         if on_step and not self._logger_writes_now():
             self.log("train_loss", loss.detach(), prog_bar=True, batch_size=batch_size, logger=False)
@@ -161,6 +178,10 @@ class BinaryFeedbackModule(_FeedbackModule):
                    "logps/rejected": _masked_mean(logps.detach(), ~desirable)}
         if kl is not None:
             metrics["kl"] = kl
+        if pair_weight is not None:  # samples split from pairs: chosen i and rejected i + B are one pair
+            chosen_r, rejected_r = split_pairs(rewards)
+            metrics["rewards/accuracies"] = _masked_mean((chosen_r > rejected_r).to(rewards.dtype),
+                                                         split_pairs(pair_weight)[0] > 0)
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, on_step=on_step, on_epoch=not on_step,
                       batch_size=batch_size, sync_dist=not on_step)
         self.log(f"{stage}_loss", loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step,
@@ -172,7 +193,7 @@ class RankingFeedbackModule(_FeedbackModule):
 
     ``loss_type=plackett_luce`` is the listwise DPO loss; any pairwise loss type of :mod:`prefopt.losses`
     is applied to all ``K (K-1) / 2`` pairs of each ranking (ties by ``loss.ties``), averaged over the kept
-    pairs of the batch.
+    pairs of the batch. A pair batch is a batch of rankings of two (chosen first).
     """
 
     kind = "ranking"
@@ -204,6 +225,8 @@ class RankingFeedbackModule(_FeedbackModule):
         return grid(logps), grid(ref), grid(lengths)
 
     def _shared_step(self, batch, stage: str, index: int):
+        if is_pair_batch(batch):
+            batch = pairs_as_ranking(batch)
         logps, ref, lengths = self.ranked_logps(batch, self._generator(stage, index))
         kwargs = dict(self.loss_kwargs)
         loss_type = kwargs.pop("loss_type")

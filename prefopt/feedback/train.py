@@ -83,11 +83,28 @@ def feedback_config(cfg: DictConfig | Mapping[str, Any]) -> FeedbackConfig:
         raise PrefoptError(f"feedback: bad options {sorted(options)} ({err}); allowed: {known}") from None
 
 
+def _loss_names(loss_type) -> list:
+    return [loss_type] if isinstance(loss_type, str) else list(loss_type or [])
+
+
+def training_layout(cfg) -> str:
+    """The batch layout a run trains on: the feedback's layout, except that pairs trained with an unpaired loss
+    (``kto``) are split into their desirable and undesirable samples (TRL's ``unpair_preference_dataset``) and
+    pairs trained with ``plackett_luce`` are rankings of two."""
+    layout = feedback_config(cfg).layout
+    names = _loss_names(cfg.get("loss", {}).get("loss_type") if cfg.get("loss") is not None else None)
+    if layout == "pairs" and names and all(n in UNPAIRED_LOSS_TYPES for n in names):
+        return "binary"
+    if layout == "pairs" and names and all(n in LISTWISE_LOSS_TYPES for n in names):
+        return "ranking"
+    return layout
+
+
 def module_class(cfg):
-    """The Lightning module class for the run's feedback layout."""
+    """The Lightning module class for the run's training layout."""
     from prefopt.module import PreferenceModule
 
-    layout = feedback_config(cfg).layout
+    layout = training_layout(cfg)
     if layout == "binary":
         from prefopt.feedback.module import BinaryFeedbackModule
         return BinaryFeedbackModule
@@ -101,18 +118,18 @@ def check_loss(cfg, loss: Mapping[str, Any]) -> bool:
     """Check the loss options of a binary or ranking layout on dummy values; False for the pair layout
     (checked by :func:`prefopt.train.validate_config`)."""
     fc = feedback_config(cfg)
+    layout = training_layout({"feedback": cfg.get("feedback"), "loss": loss})
     loss = dict(loss)
     loss_type, beta = loss.pop("loss_type", None), loss.pop("beta", None)
     loss.pop("ties", None)
-    if fc.layout == "pairs":
-        if loss_type in UNPAIRED_LOSS_TYPES + LISTWISE_LOSS_TYPES:
-            needs = "binary" if loss_type in UNPAIRED_LOSS_TYPES else "ranking"
-            raise PrefoptError(f"loss={loss_type} needs feedback={needs}; feedback={fc.kind} trains on pairs "
-                               f"(use feedback={'binary' if loss_type in UNPAIRED_LOSS_TYPES else 'ranking'})")
+    if layout == "pairs":
+        mixed = [n for n in _loss_names(loss_type) if n in UNPAIRED_LOSS_TYPES + LISTWISE_LOSS_TYPES]
+        if mixed:
+            raise PrefoptError(f"loss: loss_type {mixed} cannot be combined with pairwise loss types in a list")
         return False
     dummy = torch.zeros(2)
     try:
-        if fc.layout == "binary":
+        if layout == "binary":
             check_choice(f"loss_type (feedback={fc.kind})", loss_type, UNPAIRED_LOSS_TYPES)
             options = {k: loss.pop(k) for k in ("desirable_weight", "undesirable_weight") if k in loss}
             kl = loss.pop("kl", "mismatched")
