@@ -1,0 +1,32 @@
+"""Each domain trains one small round on each feedback kind through prefopt.train (tiny sizes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from prefopt.train import train
+
+KINDS = [["feedback=binary"], ["feedback=ranking", "loss=plackett_luce"], ["feedback=scores"]]
+
+
+def _check(summary, kind):
+    assert summary["feedback"] == kind
+    assert summary["train"]["train/loss"] == pytest.approx(summary["train"]["train/loss"])  # logged and finite
+    assert 0.0 <= summary["eval"]["win_rate"] <= 1.0
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k[0])
+def test_diffusion_digits_trains_on_each_kind(make_config, kind):
+    pytest.importorskip("diffusers")
+    from tests.test_diffusion_digits import TINY
+
+    # the base model and the sampled groups are cached across the kinds by the shared cache folder
+    _check(train(make_config("domain=diffusion", *TINY, *kind, "feedback.group_size=2")), kind[0].split("=")[1])
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k[0])
+def test_sequence_chorales_trains_on_each_kind(make_config, kind):
+    pytest.importorskip("music21")
+    from tests.test_sequence_chorales import TINY
+
+    _check(train(make_config(*TINY, *kind, "feedback.group_size=2", "domain.task.rounds=1")), kind[0].split("=")[1])
