@@ -72,8 +72,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from prefopt.adapters.diffusion_families import (ATTENTION_PROJECTIONS, FAMILIES, embeds_guidance, family_for,
-                                                 image_sequence_length, output, required_inputs)
+from prefopt.adapters.diffusion_families import (ATTENTION_PROJECTIONS, FAMILIES, disable_label_dropout,
+                                                 embeds_guidance, family_for, image_sequence_length, output,
+                                                 required_inputs)
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.policy import PreferencePolicy
 from prefopt.reference import eval_mode
@@ -193,6 +194,7 @@ class DiffusionPolicy(PreferencePolicy):
         self.family = family_for(network) if not overrides_predict else _family_or_generic(network)
         self.required = required_inputs(network, self.family)
         self.embedded_guidance = float(embedded_guidance) if embeds_guidance(network) else None
+        disable_label_dropout(network)  # DiT: one pair, one label, for the policy and the reference
         if lora_targets is not None:
             self.lora_targets = tuple(lora_targets)
         elif type(self).lora_targets is DiffusionPolicy.lora_targets:  # not set by a subclass
@@ -488,7 +490,7 @@ class DiffusionPolicy(PreferencePolicy):
             for start in starts:
                 stop = start + batch_size
                 self._set_timesteps(sampler, int(num_inference_steps), device, network, noise.shape)
-                x = noise[start:stop].to(device) * sampler.init_noise_sigma
+                x = noise[start:stop].to(device) * getattr(sampler, "init_noise_sigma", 1.0)
                 rows = x.shape[0]
                 cond = {k: _cast(v[start:stop].to(device), dtype) for k, v in conditioning.items()}
                 neg = ({k: _cast(v[start:stop].to(device), dtype) for k, v in negative_conditioning.items()}

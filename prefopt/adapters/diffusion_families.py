@@ -23,7 +23,8 @@ family                         call
 =============================  ==========================================================================
 
 DiT- and PixArt-type models that also predict the variance (``out_channels = 2 * in_channels``) give their
-first half, as their pipelines do. A network of a class not in the table (and not a subclass of one) is called
+first half, as their pipelines do; their class-label dropout (for classifier-free guidance training) is turned
+off, so the policy and the reference see the same labels (:func:`disable_label_dropout`). A network of a class not in the table (and not a subclass of one) is called
 as ``network(x_t, t, **conditioning)`` when it is a plain ``nn.Module`` (a user's own denoiser); a diffusers
 model of another class is refused with the list of the supported ones. To call any other model, subclass
 ``DiffusionPolicy`` and override :meth:`~prefopt.adapters.diffusion.DiffusionPolicy.predict`.
@@ -191,6 +192,19 @@ def required_inputs(network: nn.Module, family: Family) -> tuple[str, ...]:
     return family.required
 
 
+def disable_label_dropout(network: nn.Module) -> int:
+    """Turn off the class-label dropout of diffusers' ``LabelEmbedding`` (DiT, ``Transformer2DModel`` with
+    ``ada_norm_zero``): trained for classifier-free guidance, it replaces a random tenth of the labels by the
+    null class in train mode, so the policy and the reference would score one pair under different labels.
+    The null-class embedding stays, so guided sampling works as before. Returns how many were turned off."""
+    count = 0
+    for module in network.modules():
+        if type(module).__name__ == "LabelEmbedding" and getattr(module, "dropout_prob", 0) > 0:
+            module.dropout_prob = 0.0
+            count += 1
+    return count
+
+
 def embeds_guidance(network: nn.Module) -> bool:
     """Whether the model takes a guidance value as an input (guidance-distilled Flux)."""
     return bool(getattr(getattr(_base(network), "config", None), "guidance_embeds", False))
@@ -202,5 +216,5 @@ def image_sequence_length(network: nn.Module, family: Family, height: int, width
     return (height // patch) * (width // patch)
 
 
-__all__ = ["ATTENTION_PROJECTIONS", "FAMILIES", "Family", "GENERIC", "JOINT_ATTENTION_PROJECTIONS",
+__all__ = ["ATTENTION_PROJECTIONS", "FAMILIES", "disable_label_dropout", "Family", "GENERIC", "JOINT_ATTENTION_PROJECTIONS",
            "embeds_guidance", "family_for", "image_sequence_length", "output", "required_inputs"]
