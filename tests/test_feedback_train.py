@@ -70,7 +70,7 @@ def test_bad_feedback_options_fail_before_training(make_config, overrides, match
 
 def test_multirun_sweeps_the_feedback_kinds(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    args = ["-m", "feedback=pairs,binary,ranking", *SMALL, "trainer.enable_progress_bar=false",
+    args = ["-m", "domain=bandit", "feedback=pairs,binary,ranking", *SMALL, "trainer.enable_progress_bar=false",
             f"hydra.sweep.dir={tmp_path / 'sweep'}", f"paths.cache_dir={tmp_path / 'cache'}"]
     result = subprocess.run([sys.executable, "-m", "prefopt.cli", *args], capture_output=True, text=True,
                             cwd=tmp_path, env=env, timeout=600)
