@@ -104,7 +104,7 @@ class _FakeLM:
 
 def _trl_kto_loss(loss_type, lp, ref, labels, kl_lp, kl_ref, beta, dw, uw) -> float:
     """TRL 1.16's ``KTOTrainer._compute_loss`` run on a stand-in model with precomputed reference values."""
-    from trl.trainer.kto_trainer import KTOTrainer
+    KTOTrainer = pytest.importorskip("trl.trainer.kto_trainer").KTOTrainer  # trl: the `bench` extra
 
     n = len(lp)
     ids = torch.arange(n)[:, None].repeat(1, 3)  # row i: ids [i, i, i]
