@@ -62,6 +62,7 @@ def test_sample_counts_follow_the_pair_budget(make_config):
     (["feedback=scores", "feedback.rule=median"], "feedback.rule='median' is not supported"),
     (["feedback=ranking", "feedback.group_size=1"], "feedback.group_size=1 is not supported"),
     (["feedback=binary", "+loss.label_smoothing=0.1"], "not used by loss_type 'kto'"),
+    (["feedback=ranking", "reference=precomputed"], "reference=precomputed caches pair batches only"),
 ])
 def test_bad_feedback_options_fail_before_training(make_config, overrides, match):
     with pytest.raises(PrefoptError, match=match):

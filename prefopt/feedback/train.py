@@ -127,6 +127,14 @@ def check_loss(cfg, loss: Mapping[str, Any]) -> bool:
         if mixed:
             raise PrefoptError(f"loss: loss_type {mixed} cannot be combined with pairwise loss types in a list")
         return False
+    reference = cfg.get("reference")
+    if reference is not None:
+        from prefopt.reference import PrecomputedReference, make_reference
+
+        node = OmegaConf.to_container(reference, resolve=True) if OmegaConf.is_config(reference) else reference
+        if isinstance(make_reference(node), PrecomputedReference):
+            raise PrefoptError(f"reference=precomputed caches pair batches only; feedback={fc.kind} with loss "
+                               f"{loss_type} supports reference=copy, adapter, sync or none")
     dummy = torch.zeros(2)
     try:
         if layout == "binary":
