@@ -337,8 +337,12 @@ class DiffusionPolicy(PreferencePolicy):
             timesteps = self._train_timesteps[index]
         return timesteps, torch.randn((count, *shape), generator=generator)
 
-    def draw(self, samples: Mapping[str, Any], generator: torch.Generator | None = None) -> DiffusionDraw:
+    def draw(self, samples: Mapping[str, Any], generator: torch.Generator | None = None,
+             group: int = 2) -> DiffusionDraw:
         """``draws_per_pair`` timesteps and noises per pair, repeated for its chosen and rejected rows.
+
+        ``group``: how many rows share one draw (rows ``i, i + N/group, ...``): 2 for a pair batch, ``K`` for
+        a ranking batch of ``K`` samples per group, 1 for single samples (:mod:`prefopt.feedback`).
 
         Drawn on the CPU from ``generator`` (or from each example's ``seed`` where the samples carry one,
         as ``reference=precomputed`` needs), then moved to the samples' device. The clean inputs and the
@@ -347,9 +351,9 @@ class DiffusionPolicy(PreferencePolicy):
         """
         x0 = self.encode(samples)
         n = x0.shape[0]
-        if n % 2:
-            raise PrefoptError(f"a diffusion sample batch must hold 2B rows (chosen then rejected); got {n}")
-        half, shape, k = n // 2, tuple(x0.shape[1:]), self.draws_per_pair
+        if n % group:
+            raise PrefoptError(f"a diffusion sample batch must hold {group}B rows ({group} per draw); got {n}")
+        half, shape, k = n // group, tuple(x0.shape[1:]), self.draws_per_pair
         seeds = samples.get("seed")
         if seeds is not None:
             drawn = [self._timesteps_and_noise(k, shape, torch.Generator().manual_seed(int(seed)))
@@ -359,8 +363,8 @@ class DiffusionPolicy(PreferencePolicy):
         else:
             timesteps, noise = self._timesteps_and_noise(k * half, shape, generator)
         # [k, half] -> [k, 2, half] -> [k * n]: rows i and i + half of each draw share it
-        timesteps = timesteps.reshape(k, 1, half).expand(k, 2, half).reshape(k * n)
-        noise = noise.reshape(k, 1, half, *shape).expand(k, 2, half, *shape).reshape(k * n, *shape)
+        timesteps = timesteps.reshape(k, 1, half).expand(k, group, half).reshape(k * n)
+        noise = noise.reshape(k, 1, half, *shape).expand(k, group, half, *shape).reshape(k * n, *shape)
         timesteps = _to_device(timesteps, x0.device)
         noise = _to_device(noise, x0.device).to(x0.dtype)
         return DiffusionDraw(timesteps, noise, x0, self._pair_conditioning(samples, half))

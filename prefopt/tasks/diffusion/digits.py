@@ -42,6 +42,7 @@ from torch import nn
 from prefopt.adapters.diffusion import DiffusionPolicy
 from prefopt.cache import cached_tensors
 from prefopt.data.pairs import TensorPairs
+from prefopt.feedback.data import Groups
 from prefopt.data.teachers import ScriptedTeacher, to_pairs
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.tasks.bandit import mean_and_se
@@ -371,6 +372,22 @@ class DigitsDiffusionTask(Task):
             seed_base = (self.seed * 1_000_003 + 7 * round_index) * 100_000
             shared["seed"] = seed_base + torch.arange(labels.shape[0], dtype=torch.int64)
         return TensorPairs.from_ordered(ordered, shared=shared)
+
+    def groups(self, policy: DiffusionPolicy, round_index: int, size: int) -> Groups:
+        """``size`` samples per class label and group, ``2 * pairs_per_class`` samples per class in all
+        (binary, ranking and score feedback, :mod:`prefopt.feedback`); ``size=2`` gives the pairs' images."""
+        per_class = max(1, 2 * self.pairs_per_class // size)
+        labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+        n = labels.shape[0]
+        images = policy.generate(self._noise(size * n, stream=1 + round_index), {"class_labels": labels.repeat(size)},
+                                 num_inference_steps=self.sample_steps, seed=self.seed * 1_000_003 + 1 + round_index,
+                                 progress=True)
+        images = images.reshape(size, n, *images.shape[1:]).transpose(0, 1)  # [G, K, C, H, W]
+        rewards = self.train_reward(images.flatten(0, 1), labels.repeat_interleave(size)).reshape(n, size)
+        shared = {"class_labels": labels}
+        if self.fixed_draw:
+            shared["seed"] = (self.seed * 1_000_003 + 7 * round_index) * 100_000 + torch.arange(n, dtype=torch.int64)
+        return Groups({"images": images}, shared, rewards)
 
     # ---------------------------------------------------------------------------- evaluation
     @torch.no_grad()
