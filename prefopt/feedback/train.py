@@ -242,5 +242,28 @@ def round_feedback(cfg, task, policy, round_index: int):
     return data
 
 
+def samples_per_row(data) -> int:
+    """How many samples one dataset row holds: 1 (binary), ``K`` (a ranking), 2 (a pair)."""
+    if isinstance(data, TensorSamples):
+        return 1
+    if isinstance(data, TensorRankings):
+        return data.k
+    return 2
+
+
+def round_dataloader(cfg, task, data, train: bool = True):
+    """``task.dataloader(data)`` with batches of as many *samples* as a batch of ``task.batch_size`` pairs, so
+    every feedback kind takes as many optimizer steps per epoch on the same number of samples."""
+    per_row = samples_per_row(data)
+    if per_row == 2:
+        return task.dataloader(data, train=train)
+    size = task.batch_size
+    task.batch_size = max(1, round(2 * size / per_row))  # read by the task's dataloader; restored below
+    try:
+        return task.dataloader(data, train=train)
+    finally:
+        task.batch_size = size
+
+
 __all__ = ["FEEDBACK_KINDS", "FeedbackConfig", "check_loss", "feedback_config", "feedback_from_groups",
-           "module_class", "round_feedback", "scores_dataset", "TensorRankings"]
+           "module_class", "round_dataloader", "round_feedback", "scores_dataset"]
