@@ -65,7 +65,6 @@ What a subclass may change: :meth:`predict` (how the network is called: a model 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -73,7 +72,7 @@ import torch
 from torch import nn
 
 from prefopt.adapters.diffusion_families import (ATTENTION_PROJECTIONS, FAMILIES, disable_label_dropout,
-                                                 embeds_guidance, family_for, image_sequence_length, output,
+                                                 embeds_guidance, family_for, image_sequence_length,
                                                  required_inputs)
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.policy import PreferencePolicy
@@ -109,9 +108,6 @@ class DiffusionDraw:
     noise: torch.Tensor
     inputs: torch.Tensor | None = None
     conditioning: dict[str, torch.Tensor] | None = None
-
-
-_output = output  # the old private name, kept for subclasses that import it
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -239,8 +235,9 @@ class DiffusionPolicy(PreferencePolicy):
             raise PrefoptError(f"scheduler {type(scheduler).__name__}: its training schedule has "
                                f"{timesteps.shape[0]} timesteps, not num_train_timesteps="
                                f"{scheduler.config.num_train_timesteps}")
-        self._train_timesteps = timesteps  # CPU copy, indexed by draw()
-        self.register_buffer("_train_table", torch.stack([timesteps, sigmas]), persistent=False)
+        # float32 and not a buffer, so a precision cast of the module (bf16-true) cannot round the table
+        self._train_timesteps = timesteps  # indexed by draw() on the CPU
+        self._train_table = {torch.device("cpu"): torch.stack([timesteps, sigmas])}  # per device, for flow_sigmas
         return FLOW_PREDICTION
 
     def train(self, mode: bool = True):
@@ -383,7 +380,9 @@ class DiffusionPolicy(PreferencePolicy):
     def flow_sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Sigma of each flow-matching timestep: the training schedule's sigma where ``t`` is one of its
         timesteps (diffusers' ``get_sigmas``), else ``t / num_train_timesteps``."""
-        table_t, table_s = self._train_table.to(timesteps.device)
+        if timesteps.device not in self._train_table:
+            self._train_table[timesteps.device] = self._train_table[torch.device("cpu")].to(timesteps.device)
+        table_t, table_s = self._train_table[timesteps.device]
         timesteps = timesteps.float()
         match = timesteps[:, None] == table_t[None, :]
         return torch.where(match.any(dim=1), table_s[match.float().argmax(dim=1)],
@@ -501,7 +500,8 @@ class DiffusionPolicy(PreferencePolicy):
                     if neg is None:
                         pred = self.predict(network, model_in, t.expand(rows), cond)
                     else:
-                        both = {k: torch.cat([neg[k], cond[k]]) for k in cond}
+                        # a key the negative side leaves out (SDXL's time_ids) is the same for both halves
+                        both = {k: torch.cat([neg.get(k, cond[k]), cond[k]]) for k in cond}
                         pred = self.predict(network, torch.cat([model_in, model_in]), t.expand(2 * rows), both)
                         uncond, text = pred.chunk(2)
                         pred = uncond + guidance_scale * (text - uncond)
