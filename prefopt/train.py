@@ -22,7 +22,8 @@ from prefopt.checkpoint_io import KeepLogsWithCheckpoints, check_checkpoint_file
 from prefopt.data.pairs import TensorPairs
 from prefopt.distributed import is_fsdp, unwrapped_policy
 from prefopt.errors import PrefoptError, check_choice
-from prefopt.feedback.train import check_loss as check_feedback_loss, feedback_config, module_class, round_feedback
+from prefopt.feedback.train import (check_loss as check_feedback_loss, feedback_config, module_class, round_dataloader,
+                                   round_feedback)
 from prefopt.losses import REFERENCE_FREE, preference_loss
 from prefopt.module import NONFINITE_MODES, TIE_MODES, PreferenceModule, check_loss_reference
 from prefopt.reference import make_reference
@@ -217,7 +218,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module = build_module(cfg, policy, round_index)
         trainer = build_trainer(cfg, output_dir, round_index, resuming=bool(ckpt_path))
         plain = copy.deepcopy(module.policy) if is_fsdp(trainer) else None  # FSDP wraps the networks in place
-        trainer.fit(module, train_dataloaders=task.dataloader(pairs),
+        trainer.fit(module, train_dataloaders=round_dataloader(cfg, task, pairs),
                     val_dataloaders=task.dataloader(val, train=False) if val is not None else None,
                     ckpt_path=ckpt_path, weights_only=True)
         policy = module.policy if plain is None else unwrapped_policy(trainer, plain)

@@ -56,6 +56,10 @@ def test_binary_labels_median_and_threshold():
     labels = binary_labels(ScriptedTeacher("equal", equal_threshold=0.5), rewards, threshold=2.2)
     assert labels.label.tolist() == [0, 1, 0, 1] and labels.keep.tolist() == [True, True, False, True]
     assert binary_labels(ScriptedTeacher("mistake", eps=1.0), rewards, threshold=2.5).label.tolist() == [1, 0, 1, 0]
+    # group_mean: relative to the mean of each group of 2 (means 2.5 and 2.5), then groups (1, 5), (3, 3)
+    assert binary_labels(ScriptedTeacher(), rewards, threshold="group_mean", group_size=2).label.tolist() == [0, 1, 0, 1]
+    grouped = binary_labels(ScriptedTeacher(), torch.tensor([1.0, 5.0, 3.0, 3.0]), threshold="group_mean", group_size=2)
+    assert grouped.label.tolist() == [0, 1, 0, 0]
     with pytest.raises(PrefoptError, match="feedback.threshold='mean' is not supported"):
         binary_labels(ScriptedTeacher(), rewards, threshold="mean")
 

@@ -42,7 +42,7 @@ def test_each_feedback_kind_trains_through_train(make_config, overrides, metrics
 def test_sample_counts_follow_the_pair_budget(make_config):
     from hydra.utils import instantiate
 
-    from prefopt.feedback.train import round_feedback
+    from prefopt.feedback.train import round_dataloader, round_feedback
 
     cfg = make_config("feedback=ranking", *SMALL)
     task = instantiate(cfg.domain.task)
@@ -53,6 +53,9 @@ def test_sample_counts_follow_the_pair_budget(make_config):
     cfg = make_config("feedback=binary", *SMALL, subdir="b")
     data = round_feedback(cfg, task, task.build_policy(), 0)
     assert isinstance(data, TensorSamples) and len(data) == 128 and int(data.label.sum()) == 64  # median split
+    # a batch holds as many samples as a batch of 16 pairs: 32 single samples, or 8 rankings of 4
+    assert round_dataloader(cfg, task, data).batch_size == 32 and task.batch_size == 16
+    assert round_dataloader(cfg, task, TensorRankings({"a": torch.zeros(8, 4, 1)})).batch_size == 8
 
 
 @pytest.mark.parametrize("overrides,match", [

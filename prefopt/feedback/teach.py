@@ -17,8 +17,10 @@ These extend :class:`prefopt.data.teachers.ScriptedTeacher` (B-Pref's knobs) fro
   is kept only when its best return is above ``skip_threshold``.
 * **Binary labels** (:func:`binary_labels`): an item is desirable when ``D > threshold`` (rational) or with
   probability ``sigmoid(beta (D - threshold))``, then flipped with probability ``eps``. ``threshold``
-  is a number or ``"median"`` (the median ``D`` of the items labelled together, which makes the labels
-  about half desirable, as KTO recommends). Skip: ``keep = R > skip_threshold``; equal: an item with
+  is a number, ``"median"`` (the median ``D`` of the items labelled together, which makes the labels
+  about half desirable, as KTO recommends) or ``"group_mean"`` (the mean ``D`` of the item's group of
+  ``group_size`` consecutive items, e.g. the samples of one context or start state: a judgement relative
+  to what is usual there, where the return depends on the state more than on the behaviour). Skip: ``keep = R > skip_threshold``; equal: an item with
   ``|D - threshold| < equal_threshold`` is too close to call and is not kept.
 """
 
@@ -32,7 +34,7 @@ from prefopt.data.teachers import ScriptedTeacher
 from prefopt.errors import PrefoptError
 from prefopt.feedback.losses import pair_indices
 
-THRESHOLDS = ("median",)
+THRESHOLDS = ("median", "group_mean")
 
 
 @dataclass
@@ -76,7 +78,7 @@ def _returns(teacher: ScriptedTeacher, rewards, mask=None) -> tuple[torch.Tensor
 
 
 def binary_labels(teacher: ScriptedTeacher, rewards, mask=None, threshold: float | str = "median",
-                  generator=None) -> BinaryLabels:
+                  generator=None, group_size: int = 1) -> BinaryLabels:
     """Desirable/undesirable labels for ``N`` items from their rewards ``[N]`` or ``[N, H]`` (with ``mask``).
 
     Without a mask a 2-D ``rewards`` is per-step ``[N, H]``; a 1-D one is one scalar per item.
@@ -89,8 +91,14 @@ def binary_labels(teacher: ScriptedTeacher, rewards, mask=None, threshold: float
         raise PrefoptError(f"binary_labels: rewards of shape {tuple(rewards.shape)}; allowed: [N] or [N, H]")
     if isinstance(threshold, str):
         if threshold not in THRESHOLDS:
-            raise PrefoptError(f"feedback.threshold={threshold!r} is not supported; allowed: a number or median")
-        cut = disc.median() if disc.numel() else torch.tensor(0.0, dtype=torch.float64)
+            raise PrefoptError(f"feedback.threshold={threshold!r} is not supported; allowed: a number, median or "
+                               "group_mean")
+        if threshold == "group_mean":
+            if disc.numel() % group_size:
+                raise PrefoptError(f"binary_labels: {disc.numel()} items do not split into groups of {group_size}")
+            cut = disc.reshape(-1, group_size).mean(1).repeat_interleave(group_size)
+        else:
+            cut = disc.median() if disc.numel() else torch.tensor(0.0, dtype=torch.float64)
     else:
         cut = torch.tensor(float(threshold), dtype=torch.float64)
     gen = _generator(teacher, generator)

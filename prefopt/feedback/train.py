@@ -6,7 +6,7 @@
 ``group_size``  ``K``: samples drawn per group (context, class, prompt, start state). ``binary`` labels each
                 sample on its own; ``ranking`` ranks the ``K``; ``scores`` scores them
 ``threshold``   ``binary``: a sample is desirable when its (teacher-perceived) return is above this number,
-                or above the median of the round's samples (``median``)
+                the median of the round's samples (``median``) or the mean of its group (``group_mean``)
 ``to``          ``scores``: turned into ``pairs`` (by ``rule``, trained by the pair module) or a ``ranking``
 ``rule``        ``scores`` -> pairs: ``best_vs_worst`` or ``all_pairs`` (see :mod:`prefopt.feedback.convert`)
 ``margin``      ``scores``: pairs whose score gap is ``<= margin`` are ties (dropped under ``loss.ties=drop``)
@@ -57,9 +57,10 @@ class FeedbackConfig:
         if isinstance(size, bool) or not isinstance(size, int) or size < (1 if self.kind == "binary" else 2):
             raise PrefoptError(f"feedback.group_size={size!r} is not supported; allowed: an integer >= 2 "
                                "(>= 1 for binary)")
-        if not (self.threshold == "median" or isinstance(self.threshold, (int, float))
+        if not (self.threshold in ("median", "group_mean") or isinstance(self.threshold, (int, float))
                 and not isinstance(self.threshold, bool)):
-            raise PrefoptError(f"feedback.threshold={self.threshold!r} is not supported; allowed: a number or median")
+            raise PrefoptError(f"feedback.threshold={self.threshold!r} is not supported; allowed: a number, median "
+                               "or group_mean")
         if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not self.margin >= 0:
             raise PrefoptError(f"feedback.margin={self.margin!r} is not supported; allowed: a number >= 0")
 
@@ -204,7 +205,7 @@ def feedback_from_groups(groups: Groups, fc: FeedbackConfig, teacher: ScriptedTe
     """The round's dataset of the configured kind from a task's groups and its teacher."""
     if fc.kind == "binary":
         rewards, mask = groups.flat_rewards()
-        labels = binary_labels(teacher, rewards, mask, threshold=fc.threshold)
+        labels = binary_labels(teacher, rewards, mask, threshold=fc.threshold, group_size=groups.shape[1])
         keep = labels.keep.nonzero().flatten()
         items = {k: v[keep] for k, v in groups.flat_items().items()}
         condition = {k: v[keep] for k, v in groups.flat_shared().items()}
@@ -242,5 +243,28 @@ def round_feedback(cfg, task, policy, round_index: int):
     return data
 
 
+def samples_per_row(data) -> int:
+    """How many samples one dataset row holds: 1 (binary), ``K`` (a ranking), 2 (a pair)."""
+    if isinstance(data, TensorSamples):
+        return 1
+    if isinstance(data, TensorRankings):
+        return data.k
+    return 2
+
+
+def round_dataloader(cfg, task, data, train: bool = True):
+    """``task.dataloader(data)`` with batches of as many *samples* as a batch of ``task.batch_size`` pairs, so
+    every feedback kind takes as many optimizer steps per epoch on the same number of samples."""
+    per_row = samples_per_row(data)
+    if per_row == 2:
+        return task.dataloader(data, train=train)
+    size = task.batch_size
+    task.batch_size = max(1, round(2 * size / per_row))  # read by the task's dataloader; restored below
+    try:
+        return task.dataloader(data, train=train)
+    finally:
+        task.batch_size = size
+
+
 __all__ = ["FEEDBACK_KINDS", "FeedbackConfig", "check_loss", "feedback_config", "feedback_from_groups",
-           "module_class", "round_feedback", "scores_dataset", "TensorRankings"]
+           "module_class", "round_dataloader", "round_feedback", "scores_dataset"]
