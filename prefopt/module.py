@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -36,25 +36,35 @@ def disable_dropout_layers(module: torch.nn.Module) -> int:
     return len(layers)
 
 
-def loss_config(loss: LossConfig | Mapping[str, Any] | None) -> tuple[LossConfig, str]:
-    """``(LossConfig, ties)`` from a ``loss`` mapping (``loss_type``, ``beta``, options, ``ties``) or a config."""
-    if isinstance(loss, LossConfig):
-        return loss, "drop"
+def _loss_options(loss: Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """``(options, ties)`` of a ``loss`` mapping (``loss_type``, ``beta``, options, ``ties``)."""
     loss = dict(loss or {"loss_type": "sigmoid", "beta": 0.1})
     ties = loss.pop("ties", "drop")
     check_choice("loss.ties", ties, TIE_MODES)
     if "loss_type" not in loss or "beta" not in loss:
         raise PrefoptError(f"loss needs 'loss_type' and 'beta'; got keys {sorted(loss)}")
+    return loss, ties
+
+
+def loss_config(loss: LossConfig | Mapping[str, Any] | None) -> tuple[LossConfig, str]:
+    """``(LossConfig, ties)`` from a ``loss`` mapping (``loss_type``, ``beta``, options, ``ties``) or a config."""
+    if isinstance(loss, LossConfig):
+        return loss, "drop"
+    options, ties = _loss_options(loss)
     try:
-        return LossConfig.from_mapping(loss), ties
+        return LossConfig.from_mapping(options), ties
     except PrefoptError as err:
         raise PrefoptError(f"loss: {err}") from None
 
 
-def check_loss_reference(config: LossConfig, reference: ReferenceStrategy) -> None:
-    """A loss that needs reference log-likelihoods cannot run with a strategy that provides none."""
-    if config.needs_reference and not reference.provides_reference:
-        needs_ref = [t for t in config.loss_type if t not in REFERENCE_FREE]
+def check_loss_reference(loss: LossConfig | str | Sequence[str], reference: ReferenceStrategy) -> None:
+    """A loss that needs reference log-likelihoods cannot run with a strategy that provides none.
+
+    ``loss`` is a :class:`~prefopt.losses.LossConfig` or loss-type name(s) (every type outside
+    :data:`~prefopt.losses.REFERENCE_FREE` needs a reference, the feedback losses included)."""
+    names = loss.loss_type if isinstance(loss, LossConfig) else ([loss] if isinstance(loss, str) else list(loss))
+    needs_ref = [t for t in names if t not in REFERENCE_FREE]
+    if needs_ref and not reference.provides_reference:
         raise PrefoptError(
             f"loss_type {needs_ref} needs a reference model but reference={reference.name} provides none; use "
             f"another reference strategy, or a reference-free loss ({', '.join(sorted(REFERENCE_FREE))})")
@@ -87,13 +97,17 @@ class PreferenceModule(L.LightningModule):
                  scheduler: Callable[..., Any] | None = None, seed: int = 0, nonfinite: str = "raise",
                  disable_dropout: bool = True, ties: str | None = None):
         super().__init__()
-        self.loss_config, loss_ties = loss_config(loss)
+        if isinstance(loss, LossConfig):
+            self.loss_kwargs, loss_ties = {"loss_type": loss.loss_type, "beta": loss.beta, **loss.options}, "drop"
+        else:
+            self.loss_kwargs, loss_ties = _loss_options(loss)
         self.ties = ties if ties is not None else loss_ties
         check_choice("loss.ties", self.ties, TIE_MODES)
         check_choice("nonfinite", nonfinite, NONFINITE_MODES)
         self.policy = policy
         self.reference = make_reference(reference)
-        check_loss_reference(self.loss_config, self.reference)
+        self.loss_config = loss if isinstance(loss, LossConfig) else self.configure_loss(self.loss_kwargs)
+        check_loss_reference(self.loss_config or self.loss_kwargs["loss_type"], self.reference)
         self.reference.attach(policy)
         if not isinstance(disable_dropout, bool):
             raise PrefoptError(f"disable_dropout={disable_dropout!r} is not supported; allowed: true, false")
@@ -104,6 +118,14 @@ class PreferenceModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.seed, self.nonfinite = int(seed), nonfinite
         self._last_reference_step = -1  # global_step of the last reference.after_step call
+
+    def configure_loss(self, options: Mapping[str, Any]) -> LossConfig | None:
+        """The pair loss's :class:`~prefopt.losses.LossConfig`, made (and checked) once. A subclass that trains
+        another loss family (:mod:`prefopt.feedback`) returns ``None`` and checks its own options."""
+        try:
+            return LossConfig.from_mapping(options)
+        except PrefoptError as err:
+            raise PrefoptError(f"loss: {err}") from None
 
     # ----------------------------------------------------------------------------------------- steps
     def _generator(self, stage: str, index: int) -> torch.Generator:

@@ -24,7 +24,9 @@ from prefopt.checkpoint_io import KeepLogsWithCheckpoints, check_checkpoint_file
 from prefopt.data.pairs import TensorPairs
 from prefopt.distributed import is_fsdp, unwrapped_policy
 from prefopt.errors import PrefoptError, check_choice
-from prefopt.losses import normalize_loss_type
+from prefopt.feedback.train import (check_loss as check_feedback_loss, feedback_config, module_class, round_dataloader,
+                                   round_feedback)
+from prefopt.losses import LOSS_ALIASES
 from prefopt.module import NONFINITE_MODES, PreferenceModule, check_loss_reference, loss_config
 from prefopt.reference import ReferenceStrategy, make_reference
 from prefopt.tasks.base import Task
@@ -131,9 +133,10 @@ def validate_config(cfg: DictConfig) -> ReferenceStrategy:
     check_choice("nonfinite", cfg.get("nonfinite", "raise"), NONFINITE_MODES)
     if not isinstance(cfg.get("disable_dropout", True), bool):
         raise PrefoptError(f"disable_dropout={cfg.disable_dropout!r} is not supported; allowed: true, false")
-    config, _ = loss_config(_container(cfg.loss))
+    loss = _container(cfg.loss)
     reference = make_reference(_container(cfg.reference))
-    check_loss_reference(config, reference)
+    if not check_feedback_loss(cfg, loss):  # True: a binary or ranking layout, whose losses are checked there
+        check_loss_reference(loss_config(loss)[0], reference)
     probe = [torch.nn.Parameter(torch.zeros(1))]
     for key in ("optimizer", "scheduler"):
         if not cfg.get(key):
@@ -150,9 +153,11 @@ def validate_config(cfg: DictConfig) -> ReferenceStrategy:
 
 
 def _summary_loss(loss_type):
-    """The loss type(s) as the summary records them: canonical names (``dpo`` is written ``sigmoid``)."""
-    names = normalize_loss_type(_container(loss_type))
-    return names[0] if isinstance(_container(loss_type), str) else list(names)
+    """The loss type(s) as the summary records them, aliases resolved (``dpo`` is written ``sigmoid``)."""
+    loss_type = _container(loss_type)
+    if isinstance(loss_type, str):
+        return LOSS_ALIASES.get(loss_type, loss_type)
+    return [LOSS_ALIASES.get(name, name) for name in loss_type]
 
 
 def export_policy(policy, path: Path) -> str:
@@ -177,7 +182,7 @@ def export_policy(policy, path: Path) -> str:
 def build_module(cfg: DictConfig, policy, round_index: int = 0) -> PreferenceModule:
     """The Lightning module for one round, from the ``loss``, ``reference`` and ``optimizer`` configs."""
     scheduler = _instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
-    return PreferenceModule(policy, loss=_container(cfg.loss), reference=_container(cfg.reference),
+    return module_class(cfg)(policy, loss=_container(cfg.loss), reference=_container(cfg.reference),
                             optimizer=_instantiate(cfg.optimizer, "optimizer"), scheduler=scheduler,
                             seed=int(cfg.seed) + round_index, nonfinite=cfg.get("nonfinite", "raise"),
                             disable_dropout=cfg.get("disable_dropout", True))
@@ -232,12 +237,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     rounds: list[dict[str, Any]] = []
     train_metrics: dict[str, float] = {}
     for round_index in range(task.rounds):
-        pairs = round_pairs(cfg, task, policy, round_index, strategy)
-        val = task.val_pairs()
+        pairs_only = feedback_config(cfg).kind == "pairs"
+        pairs = round_pairs(cfg, task, policy, round_index, strategy) if pairs_only else round_feedback(
+            cfg, task, policy, round_index)
+        val = task.val_pairs() if pairs_only else None
         module = build_module(cfg, policy, round_index)
         trainer = build_trainer(cfg, output_dir, round_index, resuming=bool(ckpt_path))
         plain = copy.deepcopy(module.policy) if is_fsdp(trainer) else None  # FSDP wraps the networks in place
-        trainer.fit(module, train_dataloaders=task.dataloader(pairs),
+        trainer.fit(module, train_dataloaders=round_dataloader(cfg, task, pairs),
                     val_dataloaders=task.dataloader(val, train=False) if val is not None else None,
                     ckpt_path=ckpt_path, weights_only=True)
         policy = module.policy if plain is None else unwrapped_policy(trainer, plain)
@@ -249,6 +256,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary = {
         "domain": cfg.domain.name,
         "loss": _summary_loss(cfg.loss.loss_type),
+        "feedback": feedback_config(cfg).kind,
         "beta": float(cfg.loss.beta),
         "reference": cfg.reference.name,
         "seed": int(cfg.seed),
