@@ -227,9 +227,10 @@ class ChoraleTask(Task):
         return {k: v.detach().clone() for k, v in network.state_dict().items()}
 
     # ------------------------------------------------------------------------------------ samples
-    def continue_prompts(self, policy: SequencePolicy, prompts: Sequence[Sequence[int]], seed: int) -> list[list[int]]:
+    def continue_prompts(self, policy: SequencePolicy, prompts: Sequence[Sequence[int]], seed: int,
+                         label: str = "sampling continuations") -> list[list[int]]:
         return policy.sample(prompts, self.max_new_tokens, EOS, seed=seed, temperature=self.temperature,
-                             banned=self.banned, batch_size=1024)
+                             banned=self.banned, batch_size=1024, progress=label if self.progress else None)
 
     def score(self, prompt: Sequence[int], completion: Sequence[int]) -> dict[str, float]:
         finished = bool(completion) and completion[-1] == EOS
@@ -248,7 +249,7 @@ class ChoraleTask(Task):
             if self.pairing == "branched":
                 completions = self._branched(policy, repeated, seed)
             else:
-                completions = self.continue_prompts(policy, repeated, seed)
+                completions = self.continue_prompts(policy, repeated, seed, f"sampling {len(repeated)} candidates")
             out = torch.full((len(completions), self.max_new_tokens), PAD, dtype=torch.int64)
             for i, c in enumerate(completions):
                 out[i, : len(c)] = torch.tensor(c, dtype=torch.int64)
@@ -268,12 +269,12 @@ class ChoraleTask(Task):
         """Pairs of continuations that share a start: a trunk is sampled per pair, cut at a uniformly drawn
         point, and two continuations are sampled from there (entries ``2i`` and ``2i + 1`` share trunk ``i``)."""
         heads = prompts[0::2]
-        trunks = self.continue_prompts(policy, heads, seed)
+        trunks = self.continue_prompts(policy, heads, seed, f"sampling {len(heads)} shared starts")
         generator = torch.Generator().manual_seed(seed + 17)
         cuts = [int(torch.randint(0, max(1, len(t) - (t[-1] == EOS)), (1,), generator=generator)) if t else 0
                 for t in trunks]
         branch_prompts = [list(h) + t[:c] for h, t, c in zip(heads, trunks, cuts) for _ in range(2)]
-        tails = self.continue_prompts(policy, branch_prompts, seed + 1)
+        tails = self.continue_prompts(policy, branch_prompts, seed + 1, f"sampling {len(branch_prompts)} endings")
         return [trunks[i // 2][:cuts[i // 2]] + tail[: self.max_new_tokens - cuts[i // 2]]
                 for i, tail in enumerate(tails)]
 
@@ -322,7 +323,7 @@ class ChoraleTask(Task):
         seed = 1_000_000 + self.seed  # the same for both models: common random numbers
         results, samples = {}, {}
         for name, model in (("reference", reference), ("policy", policy)):
-            completions = self.continue_prompts(model, repeated, seed)
+            completions = self.continue_prompts(model, repeated, seed, f"evaluation: {name} samples")
             scores = [self.score(p, c) for p, c in zip(repeated, completions)]
             rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float64)
             mean, se = mean_and_se(rewards)
