@@ -57,9 +57,58 @@ def _options(name: str, given: Mapping[str, Any] | None, defaults: Mapping[str, 
     return {**defaults, **given}
 
 
+class LengthGroupedSampler(EpochShuffleSampler):
+    """:class:`EpochShuffleSampler` whose batches hold pairs of similar length (less padding to compute on).
+
+    Each epoch's shuffled order (seeded by ``(seed, epoch)``, so a resumed run sees the same batches) is cut
+    into windows of ``window`` batches; a window is sorted by length and cut into batches, and the full
+    batches of the epoch are shuffled (a short last batch stays last, so the loader's cuts fall between
+    batches). Every pair still comes once an epoch, as the first or any other pair of some batch; only which
+    pairs share a batch changes. Under ``torch.distributed`` the batches are ``world * batch_size`` long and
+    rank ``r`` takes every ``world``-th pair of them, as in :class:`EpochShuffleSampler`.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, window: int = 8):
+        super().__init__(len(lengths), seed)
+        self.lengths, self.batch_size, self.window = [int(x) for x in lengths], int(batch_size), int(window)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        world = self.num_replicas
+        step = self.batch_size * world
+        full, last = [], []
+        for start in range(0, len(order), step * self.window):
+            chunk = sorted(order[start:start + step * self.window], key=self.lengths.__getitem__)
+            for k in range(0, len(chunk), step):
+                (full if len(chunk[k:k + step]) == step else last).append(chunk[k:k + step])
+        batches = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()] + last
+        order = [i for batch in batches for i in batch]
+        if world == 1:
+            return iter(order)
+        total = len(self) * world
+        order = (order * (total // max(self.size, 1) + 1))[:total]  # pad: repeat the start of the order
+        return iter(order[self.rank:total:world])
+
+
+def pair_widths(dataset: Dataset) -> list[int] | None:
+    """The padded width each pair of a :class:`TensorPairs` of sequences needs (None for other datasets)."""
+    if not isinstance(dataset, TensorPairs) or "attention_mask" not in dataset.chosen:
+        return None
+    return torch.maximum(dataset.chosen["attention_mask"].sum(1), dataset.rejected["attention_mask"].sum(1)).tolist()
+
+
 def sequence_dataloader(dataset: Dataset, batch_size: int, seed: int, train: bool = True) -> DataLoader:
-    """Batches of pair rows with the all-padding columns at the end trimmed away."""
-    sampler = EpochShuffleSampler(len(dataset), seed) if train else None
+    """Batches of pair rows with the all-padding columns at the end trimmed away.
+
+    Training batches group pairs of similar length (:class:`LengthGroupedSampler`): with random batches
+    about half of the chorale default's compute went to padding.
+    """
+    sampler = None
+    if train:
+        widths = pair_widths(dataset)
+        sampler = (EpochShuffleSampler(len(dataset), seed) if widths is None
+                   else LengthGroupedSampler(widths, batch_size, seed))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       collate_fn=lambda rows: trim_pair_batch(collate_pairs(rows)))
 
@@ -365,4 +414,4 @@ class ChoraleTask(Task):
         piano_roll(rolls, output_dir / f"pianoroll_round{round_index}.png")
 
 
-__all__ = ["ChoraleTask", "pair_dataset", "sequence_dataloader"]
+__all__ = ["ChoraleTask", "LengthGroupedSampler", "pair_dataset", "pair_widths", "sequence_dataloader"]
