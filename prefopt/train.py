@@ -22,6 +22,8 @@ from prefopt.checkpoint_io import KeepLogsWithCheckpoints, check_checkpoint_file
 from prefopt.data.pairs import TensorPairs
 from prefopt.distributed import is_fsdp, unwrapped_policy
 from prefopt.errors import PrefoptError, check_choice
+from prefopt.feedback.train import (check_loss as check_feedback_loss, feedback_config, module_class, round_dataloader,
+                                   round_feedback)
 from prefopt.losses import REFERENCE_FREE, preference_loss
 from prefopt.module import NONFINITE_MODES, TIE_MODES, PreferenceModule, check_loss_reference
 from prefopt.reference import make_reference
@@ -110,8 +112,9 @@ def validate_config(cfg: DictConfig) -> None:
     reference_free = all(isinstance(n, str) and n in REFERENCE_FREE for n in names)
     dummy = torch.zeros(2)
     try:
-        preference_loss(loss_type, dummy, dummy, None if reference_free else dummy, None if reference_free else dummy,
-                        beta=beta, chosen_lengths=torch.ones(2), rejected_lengths=torch.ones(2), **loss)
+        if not check_feedback_loss(cfg, {"loss_type": loss_type, "beta": beta, **loss}):  # True: checked there
+            preference_loss(loss_type, dummy, dummy, None if reference_free else dummy, None if reference_free else dummy,
+                            beta=beta, chosen_lengths=torch.ones(2), rejected_lengths=torch.ones(2), **loss)
     except PrefoptError as err:
         raise PrefoptError(f"loss: {err}") from None
     reference = make_reference(_container(cfg.reference))
@@ -157,7 +160,7 @@ def export_policy(policy, path: Path) -> str:
 def build_module(cfg: DictConfig, policy, round_index: int = 0) -> PreferenceModule:
     """The Lightning module for one round, from the ``loss``, ``reference`` and ``optimizer`` configs."""
     scheduler = _instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
-    return PreferenceModule(policy, loss=_container(cfg.loss), reference=_container(cfg.reference),
+    return module_class(cfg)(policy, loss=_container(cfg.loss), reference=_container(cfg.reference),
                             optimizer=_instantiate(cfg.optimizer, "optimizer"), scheduler=scheduler,
                             seed=int(cfg.seed) + round_index, nonfinite=cfg.get("nonfinite", "raise"))
 
@@ -208,12 +211,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     rounds: list[dict[str, Any]] = []
     train_metrics: dict[str, float] = {}
     for round_index in range(task.rounds):
-        pairs = round_pairs(cfg, task, policy, round_index)
-        val = task.val_pairs()
+        pairs_only = feedback_config(cfg).kind == "pairs"
+        pairs = round_pairs(cfg, task, policy, round_index) if pairs_only else round_feedback(cfg, task, policy,
+                                                                                              round_index)
+        val = task.val_pairs() if pairs_only else None
         module = build_module(cfg, policy, round_index)
         trainer = build_trainer(cfg, output_dir, round_index, resuming=bool(ckpt_path))
         plain = copy.deepcopy(module.policy) if is_fsdp(trainer) else None  # FSDP wraps the networks in place
-        trainer.fit(module, train_dataloaders=task.dataloader(pairs),
+        trainer.fit(module, train_dataloaders=round_dataloader(cfg, task, pairs),
                     val_dataloaders=task.dataloader(val, train=False) if val is not None else None,
                     ckpt_path=ckpt_path, weights_only=True)
         policy = module.policy if plain is None else unwrapped_policy(trainer, plain)
@@ -225,6 +230,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary = {
         "domain": cfg.domain.name,
         "loss": _container(cfg.loss.loss_type),
+        "feedback": feedback_config(cfg).kind,
         "beta": float(cfg.loss.beta),
         "reference": cfg.reference.name,
         "seed": int(cfg.seed),

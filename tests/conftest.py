@@ -16,9 +16,12 @@ FAST = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
 
 
 def compose_config(tmp_path: Path, *overrides: str, fast: bool = True):
-    """The ``train`` config with output and cache folders under ``tmp_path``."""
+    """The ``train`` config with output and cache folders under ``tmp_path``, on the seconds-long bandit domain
+    unless the overrides pick a domain or an experiment (``prefopt`` itself defaults to the control domain)."""
+    picks_domain = any(o.lstrip("+~").startswith(("domain=", "experiment=")) for o in overrides)
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={tmp_path / 'run'}",
+        return compose("train", overrides=[*([] if picks_domain else ["domain=bandit"]),
+                                           f"paths.output_dir={tmp_path / 'run'}",
                                            f"paths.cache_dir={tmp_path / 'cache'}",
                                            *(FAST if fast else []), *overrides])
 

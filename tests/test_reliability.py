@@ -305,15 +305,15 @@ def _env() -> dict[str, str]:
 
 
 def _cli(tmp: Path, run_dir: str, *overrides: str, **popen) -> subprocess.Popen:
-    command = [sys.executable, "-m", "prefopt.cli", f"hydra.run.dir={tmp / run_dir}",
+    command = [sys.executable, "-m", "prefopt.cli", "domain=bandit", f"hydra.run.dir={tmp / run_dir}",
                f"paths.cache_dir={tmp / 'cache'}", "trainer.enable_progress_bar=false", *overrides]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), **popen)
 
 
 def test_cli_bad_inputs_are_one_clear_line_and_a_nonzero_exit(tmp_path):
     cases = {  # overrides -> words the error must name
-        ("domain=nope",): ("domain/nope", "bandit"),  # Hydra's own message lists the options
-        ("loss=nope",): ("loss/nope", "sigmoid"),
+        ("domain=nope",): ("prefopt: error: domain=nope", "bandit"),  # the allowed options are listed
+        ("loss=nope",): ("prefopt: error: loss=nope", "sigmoid"),
         ("loss.label_smoothing=2",): ("prefopt: error: loss: label_smoothing=2", "[0, 0.5)"),
         ("domain.task.teacher.kind=nope",): ("prefopt: error: domain.task", "oracle"),
         # Adam steps of 1e30 overflow at once: the NaN guard stops the run after saving the last good state

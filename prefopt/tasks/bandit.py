@@ -16,6 +16,7 @@ import torch
 from prefopt.adapters.control import ControlPolicy, GaussianMLP
 from prefopt.data.pairs import TensorPairs
 from prefopt.data.teachers import ScriptedTeacher, to_pairs
+from prefopt.feedback.data import Groups
 from prefopt.tasks.base import Task
 
 
@@ -59,6 +60,14 @@ class BanditTask(Task):
         labels = self.teacher.label(self.reward(obs, first), self.reward(obs, second))
         ordered = to_pairs({"actions": first[:, None]}, {"actions": second[:, None]}, labels)
         return TensorPairs.from_ordered(ordered, shared={"obs": obs[:, None]})
+
+    def groups(self, policy: ControlPolicy, round_index: int, size: int) -> Groups:
+        """``size`` actions of the policy per context, ``2 * num_pairs`` actions in all (binary, ranking, scores)."""
+        obs = self.contexts(max(1, 2 * self.num_pairs // size), stream=1 + round_index)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed * 31 + round_index)
+            actions = torch.stack([policy.act(obs) for _ in range(size)], dim=1)  # [G, K, act_dim]
+        return Groups({"actions": actions[:, :, None]}, {"obs": obs[:, None]}, self.reward(obs[:, None], actions))
 
     @torch.no_grad()
     def evaluate(self, reference: ControlPolicy, policy: ControlPolicy, output_dir: Path,

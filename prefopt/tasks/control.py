@@ -594,6 +594,13 @@ class ControlTask(Task):
         stream = _STREAM_ROUND + self.seed * 1_009 + round_index
         return self.collect_pairs(policy, self.num_pairs, stream, desc=f"round {round_index} rollouts")
 
+    def groups(self, policy: ControlPolicy, round_index: int, size: int):
+        """Groups of ``size`` segments for binary, ranking and score feedback: the round's pairs, regrouped."""
+        from prefopt.feedback.segments import segment_groups
+
+        stream = _STREAM_ROUND + self.seed * 1_009 + round_index
+        return segment_groups(self, policy, size, self.num_pairs, stream, desc=f"round {round_index} rollouts")
+
     def offline_pairs(self):
         from prefopt.data.segments import load_segment_pairs
 

@@ -16,7 +16,12 @@
    policy's image beats the reference's image of the same noise and class under the held-out reward; ties
    count one half), the training reward of each, and a realism guard: the accuracy of the ``judge``
    classifier (trained on real digits the base model never saw) on the intended class. A PNG grid shows
-   reference (left) and policy (right) samples of the same noise side by side.
+   reference (left) and policy (right) samples of the same noise side by side, each panel titled with its
+   mean held-out reward.
+
+:mod:`prefopt.tasks.diffusion.flow_digits` runs the same task on a flow-matching transformer: a subclass
+changes the base model through :meth:`DigitsDiffusionTask.build_network`, :meth:`~DigitsDiffusionTask.
+build_scheduler`, :meth:`~DigitsDiffusionTask.make_policy` and :meth:`~DigitsDiffusionTask.train_base`.
 
 Rewards and their held-out judges: ``ink`` -> ``thickness``, ``legibility`` (``reward`` classifier, a
 small CNN) -> ``legibility`` under the ``judge`` classifier (an MLP trained on other digits),
@@ -37,10 +42,12 @@ from torch import nn
 from prefopt.adapters.diffusion import DiffusionPolicy
 from prefopt.cache import cached_tensors
 from prefopt.data.pairs import TensorPairs
+from prefopt.feedback.data import Groups
 from prefopt.data.teachers import ScriptedTeacher, to_pairs
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.tasks.bandit import mean_and_se
 from prefopt.tasks.base import Task, win_rate
+from prefopt.tasks.diffusion.grid import panel_titles, save_side_by_side
 from prefopt.tasks.diffusion.rewards import HELD_OUT, PIXEL_REWARDS, REWARDS, Legibility
 
 log = logging.getLogger(__name__)
@@ -140,45 +147,59 @@ def build_scheduler(config: Mapping[str, Any]):
     return DDPMScheduler(clip_sample=True, **{k: config[k] for k in _SCHEDULER_KEYS})
 
 
+def fit_denoiser(network: nn.Module, loss_fn, config: Mapping[str, Any], images: torch.Tensor,
+                 labels: torch.Tensor, desc: str) -> dict[str, torch.Tensor]:
+    """Train ``network`` on random minibatches of ``(images, labels)``; returns the EMA weights.
+
+    ``loss_fn(x0, labels, generator)`` is the denoising loss of a batch (it draws its timesteps and noise
+    from ``generator``). AdamW with a one-cycle schedule, gradient clipping at 1 and an EMA of the weights,
+    for ``config["steps"]`` steps of ``config["batch_size"]`` images; deterministic given ``config["seed"]``.
+    """
+    from tqdm.auto import tqdm
+
+    ema = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    steps, batch = int(config["steps"]), int(config["batch_size"])
+    optimizer = torch.optim.AdamW(network.parameters(), lr=float(config["lr"]), weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, float(config["lr"]), total_steps=steps,
+                                                      pct_start=0.05)
+    generator = torch.Generator().manual_seed(int(config["seed"]))
+    decay = float(config["ema_decay"])
+    network.train()
+    bar = tqdm(range(steps), desc=desc, leave=False)
+    for _ in bar:
+        idx = torch.randint(0, images.shape[0], (batch,), generator=generator)
+        loss = loss_fn(images[idx], labels[idx], generator)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        with torch.no_grad():
+            for k, v in network.state_dict().items():
+                if v.is_floating_point():
+                    ema[k].lerp_(v, 1.0 - decay)
+                else:
+                    ema[k].copy_(v)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    return ema
+
+
 def train_base(config: Mapping[str, Any], images: torch.Tensor, labels: torch.Tensor,
                image_size: int) -> dict[str, torch.Tensor]:
     """DDPM training of the class-conditional UNet; returns the EMA weights as a state dict."""
-    from tqdm.auto import tqdm
-
     with torch.random.fork_rng(), torch.enable_grad():
         torch.manual_seed(int(config["seed"]))
         unet = build_unet(config, image_size)
         scheduler = build_scheduler(config)
         policy = DiffusionPolicy(unet, scheduler)
-        ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-        steps, batch = int(config["steps"]), int(config["batch_size"])
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=float(config["lr"]), weight_decay=0.0)
-        lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, float(config["lr"]), total_steps=steps,
-                                                          pct_start=0.05)
-        generator = torch.Generator().manual_seed(int(config["seed"]))
-        decay = float(config["ema_decay"])
-        unet.train()
-        bar = tqdm(range(steps), desc="diffusion digits: base DDPM", leave=False)
-        for _ in bar:
-            idx = torch.randint(0, images.shape[0], (batch,), generator=generator)
-            x0, c = images[idx], labels[idx]
+
+        def ddpm_loss(x0, c, generator):
             noise = torch.randn(x0.shape, generator=generator)
-            t = torch.randint(0, policy.num_train_timesteps, (batch,), generator=generator)
+            t = torch.randint(0, policy.num_train_timesteps, (x0.shape[0],), generator=generator)
             prediction = unet(scheduler.add_noise(x0, noise, t), t, class_labels=c).sample
-            loss = F.mse_loss(prediction, policy.target(x0, noise, t))
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            optimizer.step()
-            lr_schedule.step()
-            with torch.no_grad():
-                for k, v in unet.state_dict().items():
-                    if v.is_floating_point():
-                        ema[k].lerp_(v, 1.0 - decay)
-                    else:
-                        ema[k].copy_(v)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    return ema
+            return F.mse_loss(prediction, policy.target(x0, noise, t))
+
+        return fit_denoiser(unet, ddpm_loss, config, images, labels, "diffusion digits: base DDPM")
 
 
 # ---------------------------------------------------------------------------------------- task
@@ -201,29 +222,33 @@ class DigitsDiffusionTask(Task):
             (``example`` exactly when ``reference`` is ``precomputed``).
         reference: the run's reference strategy name (read by ``draw=auto``).
         likelihood_scale: see :mod:`prefopt.adapters.diffusion` (1 = the diffusers script's beta).
+        draws_per_pair: ``(t, noise)`` draws averaged per pair in the surrogate (the adapter's ``K``).
         torch_threads: ``torch.set_num_threads`` for the run (``None`` leaves torch's default). The models
             are so small that one thread loses little, while several threads on a busy shared CPU can be
             many times slower than one (oversubscription).
     """
 
     name = "diffusion_digits"
+    #: the base model's defaults and the cache kind of its weights (a subclass with another model sets both)
+    base_defaults: Mapping[str, Any] = BASE_DEFAULTS
+    base_kind = "diffusion_digits_base"
 
     def __init__(self, image_size: int = 8, base: Mapping[str, Any] | None = None, reward: str = "ink",
                  eval_reward: str | None = None, pairs_per_class: int = 100, sample_steps: int = 25,
                  eval_per_class: int = 50, grid_per_class: int = 8, batch_size: int = 64, rounds: int = 1,
                  teacher: Mapping[str, Any] | None = None, draw: str = "auto", reference: str = "copy",
-                 likelihood_scale: float = 1.0, seed: int = 0, cache_dir: str | None = None,
-                 torch_threads: int | None = None):
+                 likelihood_scale: float = 1.0, draws_per_pair: int = 1, seed: int = 0,
+                 cache_dir: str | None = None, torch_threads: int | None = None):
         check_choice("domain.task.reward", reward, REWARDS)
         eval_reward = eval_reward or HELD_OUT[reward]
         check_choice("domain.task.eval_reward", eval_reward, REWARDS)
         check_choice("domain.task.draw", draw, DRAW_MODES)
-        unknown = sorted(set(base or {}) - set(BASE_DEFAULTS))
+        unknown = sorted(set(base or {}) - set(self.base_defaults))
         if unknown:
-            raise PrefoptError(f"domain.task.base has unknown keys {unknown}; allowed: {', '.join(BASE_DEFAULTS)}")
+            raise PrefoptError(f"domain.task.base has unknown keys {unknown}; allowed: {', '.join(self.base_defaults)}")
         for name, value in (("image_size", image_size), ("pairs_per_class", pairs_per_class),
                             ("sample_steps", sample_steps), ("eval_per_class", eval_per_class),
-                            ("batch_size", batch_size), ("rounds", rounds)):
+                            ("batch_size", batch_size), ("rounds", rounds), ("draws_per_pair", draws_per_pair)):
             if int(value) < 1:
                 raise PrefoptError(f"domain.task.{name}={value!r} must be an integer >= 1")
         if torch_threads is not None:
@@ -231,14 +256,14 @@ class DigitsDiffusionTask(Task):
                 raise PrefoptError(f"domain.task.torch_threads={torch_threads!r} must be an integer >= 1 or null")
             torch.set_num_threads(int(torch_threads))
         self.image_size, self.reward_name, self.eval_reward_name = int(image_size), reward, eval_reward
-        self.base_config = {**BASE_DEFAULTS, **dict(base or {})}
+        self.base_config = {**self.base_defaults, **dict(base or {})}
         self.base_config = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.base_config.items()}
         self.pairs_per_class, self.sample_steps = int(pairs_per_class), int(sample_steps)
         self.eval_per_class, self.grid_per_class = int(eval_per_class), int(grid_per_class)
         self.batch_size, self.rounds, self.seed = int(batch_size), int(rounds), int(seed)
         self.teacher = ScriptedTeacher(**dict(teacher or {}), seed=self.seed)
         self.fixed_draw = draw == "example" or (draw == "auto" and reference == "precomputed")
-        self.likelihood_scale = float(likelihood_scale)
+        self.likelihood_scale, self.draws_per_pair = float(likelihood_scale), int(draws_per_pair)
         self.cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "prefopt"
         self._data: tuple[torch.Tensor, torch.Tensor] | None = None
         self._classifiers: dict[str, DigitClassifier] = {}
@@ -290,15 +315,31 @@ class DigitsDiffusionTask(Task):
         return {**self.base_config, "image_size": self.image_size, "data": "sklearn_digits", "split_seed": 0,
                 "version": 1}
 
+    # ---------------------------------------------------------------------------- base model
+    def build_network(self) -> nn.Module:
+        """The untrained denoiser of :attr:`base_config`."""
+        return build_unet(self.base_config, self.image_size)
+
+    def build_scheduler(self):
+        """The noise scheduler of :attr:`base_config` (training and sampling)."""
+        return build_scheduler(self.base_config)
+
+    def make_policy(self, network: nn.Module) -> DiffusionPolicy:
+        """The adapter around ``network`` with this task's likelihood options."""
+        return DiffusionPolicy(network, self.build_scheduler(), likelihood_scale=self.likelihood_scale,
+                               draws_per_pair=self.draws_per_pair)
+
+    def train_base(self) -> dict[str, torch.Tensor]:
+        """The base model's weights, trained from scratch on the ``base`` split (called on a cache miss)."""
+        return train_base(self.base_config, *self._split("base"), self.image_size)
+
     def build_policy(self) -> DiffusionPolicy:
-        config = self.base_config
         started = time.perf_counter()
-        state = cached_tensors(self.cache_dir, "diffusion_digits_base", self.base_key(),
-                               lambda: train_base(config, *self._split("base"), self.image_size))
-        log.info("diffusion digits: base model ready (%.1fs)", time.perf_counter() - started)
-        unet = build_unet(config, self.image_size)
-        unet.load_state_dict(state)
-        return DiffusionPolicy(unet, build_scheduler(config), likelihood_scale=self.likelihood_scale)
+        state = cached_tensors(self.cache_dir, self.base_kind, self.base_key(), self.train_base)
+        log.info("%s: base model ready (%.1fs)", self.name, time.perf_counter() - started)
+        network = self.build_network()
+        network.load_state_dict(state)
+        return self.make_policy(network)
 
     def _noise(self, n: int, stream: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + stream)
@@ -332,6 +373,22 @@ class DigitsDiffusionTask(Task):
             shared["seed"] = seed_base + torch.arange(labels.shape[0], dtype=torch.int64)
         return TensorPairs.from_ordered(ordered, shared=shared)
 
+    def groups(self, policy: DiffusionPolicy, round_index: int, size: int) -> Groups:
+        """``size`` samples per class label and group, ``2 * pairs_per_class`` samples per class in all
+        (binary, ranking and score feedback, :mod:`prefopt.feedback`); ``size=2`` gives the pairs' images."""
+        per_class = max(1, 2 * self.pairs_per_class // size)
+        labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+        n = labels.shape[0]
+        images = policy.generate(self._noise(size * n, stream=1 + round_index), {"class_labels": labels.repeat(size)},
+                                 num_inference_steps=self.sample_steps, seed=self.seed * 1_000_003 + 1 + round_index,
+                                 progress=True)
+        images = images.reshape(size, n, *images.shape[1:]).transpose(0, 1)  # [G, K, C, H, W]
+        rewards = self.train_reward(images.flatten(0, 1), labels.repeat_interleave(size)).reshape(n, size)
+        shared = {"class_labels": labels}
+        if self.fixed_draw:
+            shared["seed"] = (self.seed * 1_000_003 + 7 * round_index) * 100_000 + torch.arange(n, dtype=torch.int64)
+        return Groups({"images": images}, shared, rewards)
+
     # ---------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, reference: DiffusionPolicy, policy: DiffusionPolicy, output_dir: Path,
@@ -353,31 +410,17 @@ class DigitsDiffusionTask(Task):
                     "accuracy": am, "accuracy_se": ase}
 
         grid_path = output_dir / f"samples_round{round_index}.png"
-        save_side_by_side(ref_images, pol_images, labels, self.grid_per_class, grid_path)
+        wins = win_rate(pol_eval, ref_eval)["win_rate"]
+        titles = panel_titles(self.eval_reward_name, float(ref_eval.mean()), float(pol_eval.mean()), wins)
+        save_side_by_side(ref_images, pol_images, labels, self.grid_per_class, grid_path, titles=titles)
         result = {
             "reward": self.reward_name,
             "eval_reward": self.eval_reward_name,
             "reference": scores(ref_eval, ref_train, ref_acc),
             "policy": scores(pol_eval, pol_train, pol_acc),
-            "win_rate": win_rate(pol_eval, ref_eval)["win_rate"],
+            "win_rate": wins,
             "realism_gap": float(pol_acc.mean() - ref_acc.mean()),
             "num_eval": n,
             "grid": grid_path.name,
         }
         return result
-
-
-def save_side_by_side(reference: torch.Tensor, policy: torch.Tensor, labels: torch.Tensor, per_class: int,
-                      path: Path, upscale: int = 6) -> None:
-    """A PNG: one row per class, reference samples on the left, the policy's (same noise) on the right."""
-    from torchvision.utils import make_grid, save_image
-
-    rows = []
-    for images in (reference, policy):
-        picked = torch.cat([images[labels == c][:per_class] for c in labels.unique().tolist()])
-        picked = F.interpolate((picked.float() + 1) / 2, scale_factor=upscale, mode="nearest")
-        rows.append(make_grid(picked, nrow=per_class, padding=2, pad_value=0.5))
-    gap = torch.ones(rows[0].shape[0], rows[0].shape[1], 4 * upscale)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    save_image(torch.cat([rows[0], gap, rows[1]], dim=2), str(tmp))
-    tmp.replace(path)

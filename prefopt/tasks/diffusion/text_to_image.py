@@ -64,7 +64,8 @@ class ImagePreferenceTask(Task):
                  resolution: int | None = None, max_pairs: int | None = None, val_fraction: float = 0.1,
                  batch_size: int = 4, num_samples: int = 4, sample_steps: int = 25, guidance_scale: float = 5.0,
                  eval_draws: int = 4, eval_reward: str | None = None, draw: str = "auto", reference: str = "copy",
-                 likelihood_scale: float = 1.0, eval_device: str = "auto", rounds: int = 1, seed: int = 0):
+                 likelihood_scale: float = 1.0, draws_per_pair: int = 1, eval_device: str = "auto", rounds: int = 1,
+                 seed: int = 0):
         check_choice("domain.task.data_format", data_format, DATA_FORMATS)
         check_choice("domain.task.draw", draw, DRAW_MODES)
         check_choice("domain.task.eval_device", eval_device, ("auto", "cpu", "cuda"))
@@ -87,6 +88,7 @@ class ImagePreferenceTask(Task):
         self.eval_draws, self.eval_reward = int(eval_draws), eval_reward
         self.fixed_draw = draw == "example" or (draw == "auto" and reference == "precomputed")
         self.likelihood_scale, self.seed, self.rounds = float(likelihood_scale), int(seed), 1
+        self.draws_per_pair = int(draws_per_pair)
         self.tokenizer = None
         self._split_records = None
 
@@ -109,7 +111,7 @@ class ImagePreferenceTask(Task):
             down = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
             self.resolution = int(unet.config.sample_size) * down
         return DiffusionPolicy(unet, scheduler, vae=vae, text_encoder=text_encoder,
-                               likelihood_scale=self.likelihood_scale)
+                               likelihood_scale=self.likelihood_scale, draws_per_pair=self.draws_per_pair)
 
     def _records(self):
         if self._split_records is None:
@@ -184,7 +186,7 @@ class ImagePreferenceTask(Task):
         return result
 
     def _samples(self, reference, policy, captions, output_dir: Path, round_index: int, result) -> dict[str, Any]:
-        from prefopt.tasks.diffusion.digits import save_side_by_side
+        from prefopt.tasks.diffusion.grid import save_side_by_side
 
         prompts = list(captions[: self.num_samples])
         device = next(policy.parameters()).device

@@ -32,6 +32,7 @@ from prefopt.adapters.sequence import SequencePolicy, pad_sequences, trim_pair_b
 from prefopt.cache import cached_tensors
 from prefopt.data.pairs import TensorPairs, collate_pairs
 from prefopt.data.teachers import ScriptedTeacher, to_pairs
+from prefopt.feedback.data import Groups
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.tasks.bandit import mean_and_se
 from prefopt.tasks.base import EpochShuffleSampler, Task, win_rate
@@ -357,6 +358,18 @@ class ChoraleTask(Task):
         log.info("round %d: %d pairs (%d ties) from %d candidates of mean reward %.4f", round_index, len(pairs),
                  int(pairs.tie.sum()), len(completions), float(rewards.mean()))
         return pairs
+
+    def groups(self, policy: SequencePolicy, round_index: int, size: int) -> Groups:
+        """The round's candidates cut into groups of ``size`` samples of one prompt (binary, ranking and score
+        feedback, :mod:`prefopt.feedback`): the same samples :meth:`pairs` pairs."""
+        if self.samples_per_prompt % size:
+            raise PrefoptError(f"feedback.group_size={size} must divide samples_per_prompt={self.samples_per_prompt}")
+        prompts, completions = self._candidates(policy, round_index)
+        rewards = torch.tensor([self.score(p, c)["reward"] for p, c in zip(prompts, completions)], dtype=torch.float64)
+        items = pad_sequences([list(p) + list(c) for p, c in zip(prompts, completions)], [len(p) for p in prompts],
+                              PAD)
+        count = len(completions) // size
+        return Groups({k: v.reshape(count, size, -1) for k, v in items.items()}, {}, rewards.reshape(count, size))
 
     def dataloader(self, dataset: Dataset, train: bool = True) -> DataLoader:
         return sequence_dataloader(dataset, self.batch_size, self.seed, train)
