@@ -207,6 +207,9 @@ class DiffusionPolicy(PreferencePolicy):
         _check_forward_process(scheduler)
         if prediction_type is None:
             prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
+        if prediction_type == FLOW_PREDICTION:  # e.g. Sana's DPMSolverMultistepScheduler(use_flow_sigmas=True)
+            raise PrefoptError(f"scheduler {type(scheduler).__name__} with prediction_type=flow_prediction: train a "
+                               f"flow-matching model with {', '.join(FLOW_SCHEDULERS)} (shift = its flow_shift)")
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         if prediction_type == "v_prediction" and not callable(getattr(scheduler, "get_velocity", None)):
             raise PrefoptError(f"prediction_type=v_prediction needs scheduler.get_velocity(); "
@@ -350,31 +353,32 @@ class DiffusionPolicy(PreferencePolicy):
         n = x0.shape[0]
         if n % group:
             raise PrefoptError(f"a diffusion sample batch must hold {group}B rows ({group} per draw); got {n}")
-        half, shape, k = n // group, tuple(x0.shape[1:]), self.draws_per_pair
+        rows, shape, k = n // group, tuple(x0.shape[1:]), self.draws_per_pair
         seeds = samples.get("seed")
         if seeds is not None:
             drawn = [self._timesteps_and_noise(k, shape, torch.Generator().manual_seed(int(seed)))
-                     for seed in seeds[:half].tolist()]
-            timesteps = torch.stack([t for t, _ in drawn], dim=1)  # [k, half]
+                     for seed in seeds[:rows].tolist()]
+            timesteps = torch.stack([t for t, _ in drawn], dim=1)  # [k, rows]
             noise = torch.stack([e for _, e in drawn], dim=1)
         else:
-            timesteps, noise = self._timesteps_and_noise(k * half, shape, generator)
-        # [k, half] -> [k, 2, half] -> [k * n]: rows i and i + half of each draw share it
-        timesteps = timesteps.reshape(k, 1, half).expand(k, group, half).reshape(k * n)
-        noise = noise.reshape(k, 1, half, *shape).expand(k, group, half, *shape).reshape(k * n, *shape)
+            timesteps, noise = self._timesteps_and_noise(k * rows, shape, generator)
+        # [k, rows] -> [k, group, rows] -> [k * n]: rows i, i + n/group, ... of each draw share it
+        timesteps = timesteps.reshape(k, 1, rows).expand(k, group, rows).reshape(k * n)
+        noise = noise.reshape(k, 1, rows, *shape).expand(k, group, rows, *shape).reshape(k * n, *shape)
         timesteps = _to_device(timesteps, x0.device)
         noise = _to_device(noise, x0.device).to(x0.dtype)
-        return DiffusionDraw(timesteps, noise, x0, self._pair_conditioning(samples, half))
+        return DiffusionDraw(timesteps, noise, x0, self._group_conditioning(samples, group))
 
-    def _pair_conditioning(self, samples: Mapping[str, Any], half: int) -> dict[str, torch.Tensor]:
-        """:meth:`conditioning`, computed once per pair when both rows of every pair share it (a caption
-        encoded once, not twice), else per row."""
+    def _group_conditioning(self, samples: Mapping[str, Any], group: int) -> dict[str, torch.Tensor]:
+        """:meth:`conditioning`, computed once per group when the ``group`` rows sharing a draw share it too (a
+        caption encoded once per pair, not twice), else per row."""
         keys = (*self.family.inputs, "input_ids")
         inputs = {k: v for k, v in samples.items() if k in keys and torch.is_tensor(v)}
-        if not inputs or not all(torch.equal(v[:half], v[half:]) for v in inputs.values()):
+        if group < 2 or not inputs or not all(_repeats(v, group) for v in inputs.values()):
             return self.conditioning(samples)
-        cond = self.conditioning({k: v[:half] for k, v in inputs.items()})
-        return {k: torch.cat([v, v]) for k, v in cond.items()}
+        rows = next(iter(inputs.values())).shape[0] // group
+        cond = self.conditioning({k: v[:rows] for k, v in inputs.items()})
+        return {k: torch.cat([v] * group) for k, v in cond.items()}
 
     # ----------------------------------------------------------------------------- likelihood
     def flow_sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -534,6 +538,14 @@ def _check_forward_process(scheduler) -> None:
     if not signal < 1.0 - 1e-6:
         raise PrefoptError(f"scheduler {name} noises as x0 + sigma * eps (its model input is rescaled elsewhere), "
                            f"not the variance-preserving DDPM forward process the UNet is trained on; {hint}")
+
+
+def _repeats(value: torch.Tensor, group: int) -> bool:
+    """Whether ``value`` is ``group`` copies of its first ``len / group`` rows."""
+    if value.shape[0] % group:
+        return False
+    first, *others = value.chunk(group)
+    return all(torch.equal(first, other) for other in others)
 
 
 def _repeat_rows(value, k: int, n: int):
