@@ -29,6 +29,7 @@ from prefopt.feedback.train import (check_loss as check_feedback_loss, feedback_
 from prefopt.losses import LOSS_ALIASES
 from prefopt.module import NONFINITE_MODES, PreferenceModule, check_loss_reference, loss_config
 from prefopt.reference import ReferenceStrategy, make_reference
+from prefopt.runlock import check_not_finished, hold_run_folder
 from prefopt.tasks.base import Task
 
 
@@ -220,7 +221,15 @@ def round_pairs(cfg: DictConfig, task: Task, policy, round_index: int, reference
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one configured job end to end and return its summary (also written as ``summary.json``)."""
+    """Run one configured job end to end and return its summary (also written as ``summary.json``).
+
+    The run folder is locked for the run, and a finished run in it is not overwritten (prefopt.runlock)."""
+    with hold_run_folder(Path(cfg.paths.output_dir)):
+        check_not_finished(Path(cfg.paths.output_dir), cfg.get("ckpt_path"), cfg.get("overwrite", False))
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
