@@ -80,7 +80,7 @@ def test_cli_help_lists_the_config_groups():
 
 
 def test_cli_bad_loss_is_one_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "prefopt.cli", f"hydra.run.dir={tmp_path}",
+    result = subprocess.run([sys.executable, "-m", "prefopt.cli", "domain=bandit", f"hydra.run.dir={tmp_path}",
                              "loss.loss_type=dpo_typo", *SMALL], capture_output=True, text=True)
     assert result.returncode == 2
     assert "dpo_typo" in result.stderr and "sigmoid" in result.stderr

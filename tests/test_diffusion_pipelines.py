@@ -43,7 +43,7 @@ def test_pipeline_family_trains_with_lora_on_pickapic(kind, tmp_path, make_confi
     summary = train(cfg)
     ev = summary["eval"]
     assert summary["reference"] == "adapter" and ev["num_pairs"] == 6 and ev["num_eval_pairs"] == 2
-    assert 0.0 <= ev["win_rate"] <= 1.0 and 0.0 <= ev["sample_win_rate"] <= 1.0 and len(ev["prompts"]) == 2
+    assert 0.0 <= ev["implicit_reward_accuracy"] <= 1.0 and 0.0 <= ev["sample_win_rate"] <= 1.0 and len(ev["prompts"]) == 2
     run = Path(cfg.paths.output_dir)
     assert (run / ev["grid"]).read_bytes()[:4] == b"\x89PNG"
     # the export is the pipeline's denoiser with trained LoRA merged into the family's targets only

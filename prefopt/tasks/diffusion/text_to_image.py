@@ -18,9 +18,9 @@ Evaluation (no reward model is assumed for user data):
 
 * on held-out pairs (``val_fraction`` of the table, never trained on), each model's *preference accuracy*:
   how often its surrogate log-likelihood (averaged over ``eval_draws`` shared draws) is higher for the
-  chosen than for the rejected image; ``win_rate`` is the fraction of held-out pairs where the policy moved
-  towards the human choice relative to the reference, ``(lp_w - ref_w) > (lp_l - ref_l)`` (DPO's implicit
-  reward accuracy; ties count one half);
+  chosen than for the rejected image; ``implicit_reward_accuracy`` is the fraction of held-out pairs where
+  the policy moved towards the human choice relative to the reference, ``(lp_w - ref_w) > (lp_l - ref_l)``
+  (ties count one half);
 * a PNG grid of reference (left) and policy (right) samples for held-out captions from the same noise;
 * optionally (``eval_reward``), a pixel reward of :mod:`~prefopt.tasks.diffusion.rewards` on those samples
   and the policy's sample win rate under it.
@@ -40,8 +40,8 @@ from prefopt.cache import cached_tensors
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.policy import concatenate_pairs, split_pairs
 from prefopt.reference import eval_mode
-from prefopt.tasks.bandit import mean_and_se
-from prefopt.tasks.base import Task, win_rate
+from prefopt.metrics import mean_and_se, win_rate
+from prefopt.tasks.base import Task
 from prefopt.tasks.diffusion.data import (DATA_FORMATS, EncodedPairs, ImagePairs, folder_fingerprint, load_pipeline,
                                           load_preference_images, records_fingerprint)
 from prefopt.tasks.diffusion.digits import DRAW_MODES
@@ -74,7 +74,7 @@ class ImagePreferenceTask(Task):
         eval_reward: optional pixel reward for the samples (``ink``, ``thickness``, ``compressibility``,
             ``jpeg_compressibility``).
         max_sequence_length: T5 tokens of SD3 / Flux captions (``None``: the pipeline's default, 256 / 512).
-        draw, reference: as in :class:`~prefopt.tasks.diffusion.digits.DigitsDiffusionTask`.
+        draw: as in :class:`~prefopt.tasks.diffusion.digits.DigitsDiffusionTask`.
         likelihood_scale, draws_per_pair: see :mod:`prefopt.adapters.diffusion`.
         eval_device: where the one-time encoding and the evaluation run: ``auto`` (CUDA when available),
             ``cpu`` or ``cuda``.
@@ -87,7 +87,7 @@ class ImagePreferenceTask(Task):
                  resolution: int | None = None, max_pairs: int | None = None, val_fraction: float = 0.1,
                  batch_size: int = 4, num_samples: int = 4, sample_steps: int = 25, guidance_scale: float = 5.0,
                  eval_draws: int = 4, eval_reward: str | None = None, max_sequence_length: int | None = None,
-                 draw: str = "auto", reference: str = "copy", likelihood_scale: float = 1.0,
+                 draw: str = "auto", likelihood_scale: float = 1.0,
                  draws_per_pair: int = 1, eval_device: str = "auto", rounds: int = 1, seed: int = 0,
                  cache_dir: str | None = None):
         check_choice("domain.task.data_format", data_format, DATA_FORMATS)
@@ -112,7 +112,7 @@ class ImagePreferenceTask(Task):
         self.sample_steps, self.guidance_scale = int(sample_steps), float(guidance_scale)
         self.eval_draws, self.eval_reward = int(eval_draws), eval_reward
         self.max_sequence_length = int(max_sequence_length) if max_sequence_length else None
-        self.fixed_draw = draw == "example" or (draw == "auto" and reference == "precomputed")
+        self.draw, self.fixed_draw = draw, draw == "example"
         self.likelihood_scale, self.seed, self.rounds = float(likelihood_scale), int(seed), 1
         self.draws_per_pair = int(draws_per_pair)
         self.cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "prefopt"
@@ -219,6 +219,9 @@ class ImagePreferenceTask(Task):
     def _seeds(self, n: int, offset: int) -> torch.Tensor:
         return (self.seed * 1_000_003 + offset) * 100_000 + torch.arange(n, dtype=torch.int64)
 
+    def use_reference(self, reference) -> None:
+        self.fixed_draw = self.draw == "example" or (self.draw == "auto" and reference.needs_fixed_draw)
+
     def pairs(self, policy: DiffusionPolicy, round_index: int) -> EncodedPairs:
         _, train, _ = self._records()
         return self._dataset(train, self._seeds(len(train), 1) if self.fixed_draw else None)
@@ -267,7 +270,7 @@ class ImagePreferenceTask(Task):
         result: dict[str, Any] = {
             "reference": {"preference_accuracy": ref_acc, "preference_accuracy_se": ref_se},
             "policy": {"preference_accuracy": pol_acc, "preference_accuracy_se": pol_se},
-            "win_rate": win_rate(margin, torch.zeros_like(margin))["win_rate"],
+            "implicit_reward_accuracy": win_rate(margin, torch.zeros_like(margin))["win_rate"],
             "num_eval_pairs": int(keep.sum()),
         }
         result.update(self._samples(reference, policy, [records.captions[i] for i in val], output_dir,
