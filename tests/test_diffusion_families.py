@@ -16,8 +16,8 @@ from prefopt.policy import concatenate_pairs, split_pairs
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (DDPMScheduler, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler,  # noqa: E402
-                       FluxPipeline, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel,
-                       Transformer2DModel, UNet2DConditionModel, UNet2DModel)
+                       FluxTransformer2DModel, PixArtTransformer2DModel, SanaTransformer2DModel,
+                       SD3Transformer2DModel, Transformer2DModel, UNet2DConditionModel, UNet2DModel)
 
 torch.set_num_threads(1)
 B, C, H = 2, 4, 8  # pairs, latent channels, latent side
@@ -33,8 +33,9 @@ def _seeded(build):
 # network builder, scheduler builder, extra (shared) conditioning of a pair batch, the call by hand
 def _unet():
     return UNet2DModel(sample_size=H, in_channels=C, out_channels=C, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       attention_head_dim=4, norm_num_groups=4, num_class_embeds=3)
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4, norm_num_groups=4,
+                       num_class_embeds=3)
 
 
 def _sdxl_unet():
@@ -55,6 +56,12 @@ def _flux():
     return FluxTransformer2DModel(patch_size=1, in_channels=4 * C, num_layers=1, num_single_layers=1,
                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                   pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+
+
+def _sana():
+    return SanaTransformer2DModel(in_channels=C, out_channels=C, num_attention_heads=2, attention_head_dim=8,
+                                  num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                  cross_attention_dim=16, caption_channels=16, sample_size=H, timestep_scale=0.5)
 
 
 def _dit():
@@ -124,6 +131,10 @@ def _hand_flux(net, x, t, c):
     return out.view(n, H // 2, H // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, C, H, H)
 
 
+def _hand_sana(net, x, t, c):  # SanaPipeline: timestep * config.timestep_scale
+    return net(x, encoder_hidden_states=c["encoder_hidden_states"], timestep=t * 0.5, return_dict=False)[0]
+
+
 def _hand_dit(net, x, t, c):  # DiTPipeline: learned sigma, keep the first C channels
     return net(x, timestep=t, class_labels=c["class_labels"]).sample[:, :C]
 
@@ -140,11 +151,12 @@ CASES = {
                                     _hand_sdxl),
     "SD3Transformer2DModel": (_sd3, _sd3_scheduler, ("encoder_hidden_states", "pooled_projections"), _hand_sd3),
     "FluxTransformer2DModel": (_flux, _flux_scheduler, ("encoder_hidden_states", "pooled_projections"), _hand_flux),
+    "SanaTransformer2DModel": (_sana, _sd3_scheduler, ("encoder_hidden_states",), _hand_sana),
     "DiTTransformer2DModel": (_dit, _sd3_scheduler, ("class_labels",), _hand_dit),
     "PixArtTransformer2DModel": (_pixart, _ddpm, ("encoder_hidden_states",), _hand_pixart),
     "Transformer2DModel (class)": (_transformer_2d_class, _sd3_scheduler, ("class_labels",), _hand_dit),
 }
-TRANSFORMERS = ["SD3Transformer2DModel", "FluxTransformer2DModel", "DiTTransformer2DModel",
+TRANSFORMERS = ["SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel", "DiTTransformer2DModel",
                 "PixArtTransformer2DModel", "Transformer2DModel (class)"]
 
 
@@ -274,10 +286,11 @@ def test_flux_generation_uses_embedded_guidance_and_the_dynamic_shift():
         policy.generate(noise, cond, negative_conditioning=cond)
 
 
-def test_sd3_generation_with_classifier_free_guidance_is_deterministic():
-    policy, keys, _, _ = build("SD3Transformer2DModel")
+@pytest.mark.parametrize("case", ["SD3Transformer2DModel", "UNet2DConditionModel (SDXL)"])
+def test_generation_with_classifier_free_guidance_is_deterministic(case):
+    policy, keys, _, _ = build(case)
     cond = _cond(keys, torch.Generator().manual_seed(0))
-    negative = {k: torch.zeros_like(v) for k, v in cond.items()}
+    negative = {k: torch.zeros_like(v) for k, v in cond.items() if k != "time_ids"}  # SDXL: shared time_ids
     noise = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(1))
     first = policy.generate(noise, cond, num_inference_steps=2, guidance_scale=4.0, negative_conditioning=negative)
     second = policy.generate(noise, cond, num_inference_steps=2, guidance_scale=4.0, negative_conditioning=negative,
@@ -358,3 +371,33 @@ def test_unsupported_family_and_missing_inputs_raise_clear_errors():
     sdxl, _, _, _ = build("UNet2DConditionModel (SDXL)")
     with pytest.raises(PrefoptError, match="needs 'text_embeds', 'time_ids'"):
         sdxl.draw(concatenate_pairs(pair_batch(("encoder_hidden_states",))))
+
+
+def test_lightning_trains_flux_with_two_draws_per_pair_and_a_precomputed_reference(tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from prefopt.data.pairs import TensorPairs, collate_pairs
+
+    network = _seeded(_flux)()
+    policy = DiffusionPolicy(network, _flux_scheduler(), draws_per_pair=2, likelihood_scale=0.5)
+    g = torch.Generator().manual_seed(0)
+    pairs = TensorPairs({"latents": torch.randn(4, C, H, H, generator=g)},
+                        {"latents": torch.randn(4, C, H, H, generator=g)},
+                        shared={"encoder_hidden_states": torch.randn(4, 5, 16, generator=g),
+                                "pooled_projections": torch.randn(4, 8, generator=g),
+                                "seed": torch.arange(4)})
+    module = PreferenceModule(policy, loss={"loss_type": "sigmoid", "beta": 100.0}, reference="precomputed",
+                              optimizer=lambda params: torch.optim.Adam(params, lr=1e-2))
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(pairs, batch_size=2, collate_fn=collate_pairs))
+    assert trainer.global_step == 2 and torch.isfinite(module.reference.cache).all()
+    assert any(not torch.equal(v, before[k]) for k, v in policy.network.state_dict().items())
+    # the cache holds the untrained Flux's two-draw surrogate of each example under its seed
+    batch = collate_pairs(pairs.__getitems__([2, 3]))
+    samples = concatenate_pairs(batch)
+    with torch.no_grad():
+        expected = policy.log_likelihood(_seeded(_flux)().eval(), samples, policy.draw(samples))
+    torch.testing.assert_close(module.reference.logps(policy, samples, None), expected, rtol=1e-5, atol=1e-6)

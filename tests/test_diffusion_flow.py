@@ -304,6 +304,11 @@ def test_bad_flow_options_raise_clear_errors():
         DiffusionPolicy(network, EulerDiscreteScheduler())
     with pytest.raises(PrefoptError, match=r"object has no add_noise.*FlowMatchEulerDiscreteScheduler"):
         DiffusionPolicy(network, object())
+    from diffusers import DPMSolverMultistepScheduler
+
+    sana_style = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    with pytest.raises(PrefoptError, match="flow_prediction: train a flow-matching model with FlowMatchEuler"):
+        DiffusionPolicy(network, sana_style)
     flow = FlowMatchEulerDiscreteScheduler()
     with pytest.raises(PrefoptError, match="timestep_sampling='normal'.*logit_normal, mode, uniform"):
         DiffusionPolicy(network, flow, timestep_sampling="normal")
@@ -319,3 +324,25 @@ def test_bad_flow_options_raise_clear_errors():
         DiffusionPolicy(network, DDPMScheduler(), timestep_sampling="logit_normal")
     with pytest.raises(PrefoptError, match="loss_weighting='cosmap' applies to flow-matching"):
         DiffusionPolicy(network, DDPMScheduler(), loss_weighting="cosmap")
+
+
+def test_a_draw_shared_by_groups_of_three_and_by_single_rows():
+    """``draw(..., group=K)`` (ranking feedback): rows i, i + N/K, ... share a draw, and conditioning shared by
+    a whole group is computed once per group."""
+    policy = DiffusionPolicy(tiny_sd3(), FlowMatchEulerDiscreteScheduler(shift=3.0), draws_per_pair=2)
+    g = torch.Generator().manual_seed(0)
+    shared = {"encoder_hidden_states": torch.randn(2, 5, 16, generator=g),
+              "pooled_projections": torch.randn(2, 8, generator=g)}
+    samples = {"latents": torch.randn(6, 4, 8, 8, generator=g), **{k: torch.cat([v] * 3) for k, v in shared.items()}}
+    calls = []
+    original = policy.conditioning
+    policy.conditioning = lambda s: calls.append(next(iter(s.values())).shape[0]) or original(s)
+    draw = policy.draw(samples, torch.Generator().manual_seed(1), group=3)
+    assert calls == [2]  # once per group
+    torch.testing.assert_close(draw.conditioning["pooled_projections"], samples["pooled_projections"])
+    t = draw.timesteps.view(2, 3, 2)  # [draw, member, group]
+    assert torch.equal(t[:, 0], t[:, 1]) and torch.equal(t[:, 1], t[:, 2]) and not torch.equal(t[:, :, 0], t[:, :, 1])
+    assert policy.log_likelihood(policy.network, samples, draw).shape == (6,)
+    single = policy.draw(samples, torch.Generator().manual_seed(1), group=1)
+    assert single.timesteps.shape == (12,) and calls == [2, 6]  # per row
+    assert len(set(single.timesteps[:6].tolist())) == 6

@@ -65,7 +65,6 @@ What a subclass may change: :meth:`predict` (how the network is called: a model 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -73,7 +72,7 @@ import torch
 from torch import nn
 
 from prefopt.adapters.diffusion_families import (ATTENTION_PROJECTIONS, FAMILIES, disable_label_dropout,
-                                                 embeds_guidance, family_for, image_sequence_length, output,
+                                                 embeds_guidance, family_for, image_sequence_length,
                                                  required_inputs)
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.policy import PreferencePolicy
@@ -109,9 +108,6 @@ class DiffusionDraw:
     noise: torch.Tensor
     inputs: torch.Tensor | None = None
     conditioning: dict[str, torch.Tensor] | None = None
-
-
-_output = output  # the old private name, kept for subclasses that import it
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -211,6 +207,9 @@ class DiffusionPolicy(PreferencePolicy):
         _check_forward_process(scheduler)
         if prediction_type is None:
             prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", None) or "epsilon"
+        if prediction_type == FLOW_PREDICTION:  # e.g. Sana's DPMSolverMultistepScheduler(use_flow_sigmas=True)
+            raise PrefoptError(f"scheduler {type(scheduler).__name__} with prediction_type=flow_prediction: train a "
+                               f"flow-matching model with {', '.join(FLOW_SCHEDULERS)} (shift = its flow_shift)")
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         if prediction_type == "v_prediction" and not callable(getattr(scheduler, "get_velocity", None)):
             raise PrefoptError(f"prediction_type=v_prediction needs scheduler.get_velocity(); "
@@ -239,8 +238,9 @@ class DiffusionPolicy(PreferencePolicy):
             raise PrefoptError(f"scheduler {type(scheduler).__name__}: its training schedule has "
                                f"{timesteps.shape[0]} timesteps, not num_train_timesteps="
                                f"{scheduler.config.num_train_timesteps}")
-        self._train_timesteps = timesteps  # CPU copy, indexed by draw()
-        self.register_buffer("_train_table", torch.stack([timesteps, sigmas]), persistent=False)
+        # float32 and not a buffer, so a precision cast of the module (bf16-true) cannot round the table
+        self._train_timesteps = timesteps  # indexed by draw() on the CPU
+        self._train_table = {torch.device("cpu"): torch.stack([timesteps, sigmas])}  # per device, for flow_sigmas
         return FLOW_PREDICTION
 
     def train(self, mode: bool = True):
@@ -337,8 +337,12 @@ class DiffusionPolicy(PreferencePolicy):
             timesteps = self._train_timesteps[index]
         return timesteps, torch.randn((count, *shape), generator=generator)
 
-    def draw(self, samples: Mapping[str, Any], generator: torch.Generator | None = None) -> DiffusionDraw:
+    def draw(self, samples: Mapping[str, Any], generator: torch.Generator | None = None,
+             group: int = 2) -> DiffusionDraw:
         """``draws_per_pair`` timesteps and noises per pair, repeated for its chosen and rejected rows.
+
+        ``group``: how many rows share one draw (rows ``i, i + N/group, ...``): 2 for a pair batch, ``K`` for
+        a ranking batch of ``K`` samples per group, 1 for single samples (:mod:`prefopt.feedback`).
 
         Drawn on the CPU from ``generator`` (or from each example's ``seed`` where the samples carry one,
         as ``reference=precomputed`` needs), then moved to the samples' device. The clean inputs and the
@@ -347,39 +351,42 @@ class DiffusionPolicy(PreferencePolicy):
         """
         x0 = self.encode(samples)
         n = x0.shape[0]
-        if n % 2:
-            raise PrefoptError(f"a diffusion sample batch must hold 2B rows (chosen then rejected); got {n}")
-        half, shape, k = n // 2, tuple(x0.shape[1:]), self.draws_per_pair
+        if n % group:
+            raise PrefoptError(f"a diffusion sample batch must hold {group}B rows ({group} per draw); got {n}")
+        rows, shape, k = n // group, tuple(x0.shape[1:]), self.draws_per_pair
         seeds = samples.get("seed")
         if seeds is not None:
             drawn = [self._timesteps_and_noise(k, shape, torch.Generator().manual_seed(int(seed)))
-                     for seed in seeds[:half].tolist()]
-            timesteps = torch.stack([t for t, _ in drawn], dim=1)  # [k, half]
+                     for seed in seeds[:rows].tolist()]
+            timesteps = torch.stack([t for t, _ in drawn], dim=1)  # [k, rows]
             noise = torch.stack([e for _, e in drawn], dim=1)
         else:
-            timesteps, noise = self._timesteps_and_noise(k * half, shape, generator)
-        # [k, half] -> [k, 2, half] -> [k * n]: rows i and i + half of each draw share it
-        timesteps = timesteps.reshape(k, 1, half).expand(k, 2, half).reshape(k * n)
-        noise = noise.reshape(k, 1, half, *shape).expand(k, 2, half, *shape).reshape(k * n, *shape)
+            timesteps, noise = self._timesteps_and_noise(k * rows, shape, generator)
+        # [k, rows] -> [k, group, rows] -> [k * n]: rows i, i + n/group, ... of each draw share it
+        timesteps = timesteps.reshape(k, 1, rows).expand(k, group, rows).reshape(k * n)
+        noise = noise.reshape(k, 1, rows, *shape).expand(k, group, rows, *shape).reshape(k * n, *shape)
         timesteps = _to_device(timesteps, x0.device)
         noise = _to_device(noise, x0.device).to(x0.dtype)
-        return DiffusionDraw(timesteps, noise, x0, self._pair_conditioning(samples, half))
+        return DiffusionDraw(timesteps, noise, x0, self._group_conditioning(samples, group))
 
-    def _pair_conditioning(self, samples: Mapping[str, Any], half: int) -> dict[str, torch.Tensor]:
-        """:meth:`conditioning`, computed once per pair when both rows of every pair share it (a caption
-        encoded once, not twice), else per row."""
+    def _group_conditioning(self, samples: Mapping[str, Any], group: int) -> dict[str, torch.Tensor]:
+        """:meth:`conditioning`, computed once per group when the ``group`` rows sharing a draw share it too (a
+        caption encoded once per pair, not twice), else per row."""
         keys = (*self.family.inputs, "input_ids")
         inputs = {k: v for k, v in samples.items() if k in keys and torch.is_tensor(v)}
-        if not inputs or not all(torch.equal(v[:half], v[half:]) for v in inputs.values()):
+        if group < 2 or not inputs or not all(_repeats(v, group) for v in inputs.values()):
             return self.conditioning(samples)
-        cond = self.conditioning({k: v[:half] for k, v in inputs.items()})
-        return {k: torch.cat([v, v]) for k, v in cond.items()}
+        rows = next(iter(inputs.values())).shape[0] // group
+        cond = self.conditioning({k: v[:rows] for k, v in inputs.items()})
+        return {k: torch.cat([v] * group) for k, v in cond.items()}
 
     # ----------------------------------------------------------------------------- likelihood
     def flow_sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Sigma of each flow-matching timestep: the training schedule's sigma where ``t`` is one of its
         timesteps (diffusers' ``get_sigmas``), else ``t / num_train_timesteps``."""
-        table_t, table_s = self._train_table.to(timesteps.device)
+        if timesteps.device not in self._train_table:
+            self._train_table[timesteps.device] = self._train_table[torch.device("cpu")].to(timesteps.device)
+        table_t, table_s = self._train_table[timesteps.device]
         timesteps = timesteps.float()
         match = timesteps[:, None] == table_t[None, :]
         return torch.where(match.any(dim=1), table_s[match.float().argmax(dim=1)],
@@ -497,7 +504,8 @@ class DiffusionPolicy(PreferencePolicy):
                     if neg is None:
                         pred = self.predict(network, model_in, t.expand(rows), cond)
                     else:
-                        both = {k: torch.cat([neg[k], cond[k]]) for k in cond}
+                        # a key the negative side leaves out (SDXL's time_ids) is the same for both halves
+                        both = {k: torch.cat([neg.get(k, cond[k]), cond[k]]) for k in cond}
                         pred = self.predict(network, torch.cat([model_in, model_in]), t.expand(2 * rows), both)
                         uncond, text = pred.chunk(2)
                         pred = uncond + guidance_scale * (text - uncond)
@@ -530,6 +538,14 @@ def _check_forward_process(scheduler) -> None:
     if not signal < 1.0 - 1e-6:
         raise PrefoptError(f"scheduler {name} noises as x0 + sigma * eps (its model input is rescaled elsewhere), "
                            f"not the variance-preserving DDPM forward process the UNet is trained on; {hint}")
+
+
+def _repeats(value: torch.Tensor, group: int) -> bool:
+    """Whether ``value`` is ``group`` copies of its first ``len / group`` rows."""
+    if value.shape[0] % group:
+        return False
+    first, *others = value.chunk(group)
+    return all(torch.equal(first, other) for other in others)
 
 
 def _repeat_rows(value, k: int, n: int):

@@ -16,6 +16,8 @@ family                         call
 ``FluxTransformer2DModel``     ``x_t`` packed into 2x2 patches (``FluxPipeline._pack_latents``), ``img_ids``
                                from ``FluxPipeline._prepare_latent_image_ids``, ``txt_ids`` zeros, timestep
                                ``t / 1000``, ``guidance`` where the model embeds it; the output unpacked
+``SanaTransformer2DModel``     ``network(x_t, timestep=t * timestep_scale, encoder_hidden_states,
+                               encoder_attention_mask)``
 ``DiTTransformer2DModel``      ``network(x_t, timestep=t, class_labels)``
 ``PixArtTransformer2DModel``   ``network(x_t, encoder_hidden_states, timestep=t, added_cond_kwargs,
                                encoder_attention_mask)``
@@ -24,10 +26,11 @@ family                         call
 
 DiT- and PixArt-type models that also predict the variance (``out_channels = 2 * in_channels``) give their
 first half, as their pipelines do; their class-label dropout (for classifier-free guidance training) is turned
-off, so the policy and the reference see the same labels (:func:`disable_label_dropout`). A network of a class not in the table (and not a subclass of one) is called
-as ``network(x_t, t, **conditioning)`` when it is a plain ``nn.Module`` (a user's own denoiser); a diffusers
-model of another class is refused with the list of the supported ones. To call any other model, subclass
-``DiffusionPolicy`` and override :meth:`~prefopt.adapters.diffusion.DiffusionPolicy.predict`.
+off, so the policy and the reference see the same labels (:func:`disable_label_dropout`). A network of a class
+not in the table (and not a subclass of one) is called as ``network(x_t, t, **conditioning)`` when it is a plain
+``nn.Module`` (a user's own denoiser); a diffusers model of another class is refused with the list of the
+supported ones. To call any other model, subclass ``DiffusionPolicy`` and override
+:meth:`~prefopt.adapters.diffusion.DiffusionPolicy.predict`.
 """
 
 from __future__ import annotations
@@ -100,6 +103,12 @@ def call_flux(network, x, t, cond):
     return FluxPipeline._unpack_latents(output(out), h, w, 1)
 
 
+def call_sana(network, x, t, cond):
+    # SanaPipeline multiplies the scheduler's timestep by the model's timestep_scale
+    scale = float(getattr(_base(network).config, "timestep_scale", 1.0))
+    return output(network(x, timestep=t * scale, return_dict=False, **cond))
+
+
 def call_dit(network, x, t, cond):
     return _first_half_channels(output(network(x, timestep=t, **cond)), x)
 
@@ -153,6 +162,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("FluxTransformer2DModel", ("encoder_hidden_states", "pooled_projections", "guidance"), call_flux,
            required=("encoder_hidden_states", "pooled_projections"), lora_targets=JOINT_ATTENTION_PROJECTIONS,
            packed_patch=2),
+    Family("SanaTransformer2DModel", ("encoder_hidden_states", "encoder_attention_mask", "guidance"), call_sana,
+           required=("encoder_hidden_states",)),
     Family("DiTTransformer2DModel", ("class_labels",), call_dit, required=("class_labels",)),
     Family("PixArtTransformer2DModel", ("encoder_hidden_states", "encoder_attention_mask", "resolution",
                                         "aspect_ratio"), call_caption_transformer,
@@ -216,5 +227,6 @@ def image_sequence_length(network: nn.Module, family: Family, height: int, width
     return (height // patch) * (width // patch)
 
 
-__all__ = ["ATTENTION_PROJECTIONS", "FAMILIES", "disable_label_dropout", "Family", "GENERIC", "JOINT_ATTENTION_PROJECTIONS",
-           "embeds_guidance", "family_for", "image_sequence_length", "output", "required_inputs"]
+__all__ = ["ATTENTION_PROJECTIONS", "FAMILIES", "Family", "GENERIC", "JOINT_ATTENTION_PROJECTIONS",
+           "disable_label_dropout", "embeds_guidance", "family_for", "image_sequence_length", "output",
+           "required_inputs"]

@@ -16,13 +16,9 @@ import torch
 from prefopt.adapters.control import ControlPolicy, GaussianMLP
 from prefopt.data.pairs import TensorPairs
 from prefopt.data.teachers import ScriptedTeacher, to_pairs
+from prefopt.feedback.data import Groups
+from prefopt.metrics import mean_and_se, win_rate
 from prefopt.tasks.base import Task
-
-
-def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
-    values = values.double()
-    se = values.std(unbiased=True) / values.numel() ** 0.5 if values.numel() > 1 else torch.tensor(0.0)
-    return float(values.mean()), float(se)
 
 
 class BanditTask(Task):
@@ -60,6 +56,14 @@ class BanditTask(Task):
         ordered = to_pairs({"actions": first[:, None]}, {"actions": second[:, None]}, labels)
         return TensorPairs.from_ordered(ordered, shared={"obs": obs[:, None]})
 
+    def groups(self, policy: ControlPolicy, round_index: int, size: int) -> Groups:
+        """``size`` actions of the policy per context, ``2 * num_pairs`` actions in all (binary, ranking, scores)."""
+        obs = self.contexts(max(1, 2 * self.num_pairs // size), stream=1 + round_index)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed * 31 + round_index)
+            actions = torch.stack([policy.act(obs) for _ in range(size)], dim=1)  # [G, K, act_dim]
+        return Groups({"actions": actions[:, :, None]}, {"obs": obs[:, None]}, self.reward(obs[:, None], actions))
+
     @torch.no_grad()
     def evaluate(self, reference: ControlPolicy, policy: ControlPolicy, output_dir: Path,
                  round_index: int) -> dict[str, Any]:
@@ -69,4 +73,4 @@ class BanditTask(Task):
         (ref_mean, ref_se), (pol_mean, pol_se) = mean_and_se(ref_reward), mean_and_se(pol_reward)
         return {"reference": {"reward_mean": ref_mean, "reward_se": ref_se},
                 "policy": {"reward_mean": pol_mean, "reward_se": pol_se},
-                "win_rate": float((pol_reward > ref_reward).double().mean())}
+                "win_rate": win_rate(pol_reward, ref_reward)["win_rate"]}

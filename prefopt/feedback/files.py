@@ -1,0 +1,164 @@
+"""Binary, ranking and score feedback read from files: JSON lines, parquet, ``.npz`` or a ``datasets`` folder.
+
+A file is a table of named columns, one row per sample (binary) or per group (ranking, scores). Columns
+named ``sample_<key>`` hold what is judged; ``<key>`` is the name the domain's adapter reads (``actions``
+and ``obs`` for control and the bandit, ``images`` and ``class_labels`` for diffusion, ...). Every other
+column, apart from the kind's own columns below, is a condition shared by the row's samples. Values are
+numbers or nested lists of numbers of one shape per column; floats become float32, integers int64,
+booleans bool.
+
+=========  ==================================================================================================
+kind       columns
+=========  ==================================================================================================
+binary     ``label`` 0/1 or bool (1 desirable); ``sample_<key>`` one sample per row; other columns: condition
+ranking    ``sample_<key>``: the group's ``K >= 2`` samples, best first; optional ``tie`` (``K(K-1)/2`` bools
+           over the position pairs (0,1), (0,2), ..., (K-2,K-1)); other columns: shared by the group
+scores     ``sample_<key>``: the group's ``K >= 2`` samples; ``scores``: ``K`` numbers (higher is better);
+           other columns: shared by the group
+=========  ==================================================================================================
+
+Suffixes: ``.jsonl`` / ``.json`` (one JSON object a line), ``.parquet``, ``.npz``; a folder is read as a
+``datasets`` folder (``save_to_disk``), with ``split`` naming its split when it has several.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from prefopt.data.folders import load_dataset_folder
+from prefopt.errors import PrefoptError
+from prefopt.feedback.data import SAMPLE, Groups, TensorRankings, TensorSamples
+
+FILE_KINDS = ("binary", "ranking", "scores")
+
+
+def read_columns(path: str | Path, split: str | None = None) -> dict[str, Any]:
+    """The file's columns as ``name -> list or array``; a clear error for unreadable files."""
+    path = Path(path)
+    if path.is_dir():
+        return load_dataset_folder(path, split).to_dict()
+    if not path.exists():
+        raise PrefoptError(f"feedback.path={str(path)!r}: no such file or folder")
+    if path.suffix in (".jsonl", ".json"):
+        columns: dict[str, list] = {}
+        with open(path) as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise PrefoptError(f"{path}: line {number} is not a JSON object ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise PrefoptError(f"{path}: line {number} is a {type(row).__name__}; each line must be an object")
+                if columns and set(row) != set(columns):
+                    raise PrefoptError(f"{path}: line {number} has columns {sorted(row)}; line 1 has {sorted(columns)}")
+                for key, value in row.items():
+                    columns.setdefault(key, []).append(value)
+        return columns
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pydict()
+        except Exception as err:  # pyarrow raises several types for a damaged or foreign file
+            raise PrefoptError(f"{path}: not a readable parquet file ({err})") from None
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    raise PrefoptError(f"feedback.path={str(path)!r}: suffix {path.suffix!r} is not supported; allowed: .jsonl, "
+                       ".json, .parquet, .npz, or a datasets folder (save_to_disk)")
+
+
+def _tensor(path, name: str, values) -> torch.Tensor:
+    try:
+        array = np.asarray(values)
+    except ValueError:
+        array = np.asarray(values, dtype=object)
+    if array.dtype == object:
+        raise PrefoptError(f"{path}: column {name!r} has rows of different shapes; every row of a column must "
+                           "have one shape (pad sequences to one length, with a mask column)")
+    if array.dtype.kind == "b":
+        return torch.from_numpy(array.copy())
+    if array.dtype.kind in "iu":
+        return torch.from_numpy(array.astype(np.int64))
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise PrefoptError(f"{path}: column {name!r} contains NaN or inf; values must be finite")
+        return torch.from_numpy(array.astype(np.float32))
+    raise PrefoptError(f"{path}: column {name!r} has values of type {array.dtype}; allowed: numbers, booleans, "
+                       "and lists of them")
+
+
+def _split(path, columns: dict[str, Any], own: tuple[str, ...], kind: str):
+    if not columns:
+        raise PrefoptError(f"{path}: no rows")
+    items = {k[len(SAMPLE):]: _tensor(path, k, v) for k, v in columns.items() if k.startswith(SAMPLE)}
+    if not items:
+        raise PrefoptError(f"{path}: feedback={kind} needs at least one sample_<key> column (what is judged); "
+                           f"found columns {sorted(columns)}")
+    rest = {k: _tensor(path, k, v) for k, v in columns.items() if not k.startswith(SAMPLE) and k not in own}
+    return items, rest
+
+
+def _group_size(path, items: dict[str, torch.Tensor]) -> int:
+    sizes = {k: tuple(v.shape[:2]) if v.dim() >= 2 else None for k, v in items.items()}
+    if None in sizes.values() or len(set(sizes.values())) != 1:
+        raise PrefoptError(f"{path}: every sample_<key> column must hold a list of the group's K samples, the "
+                           f"same K in every column; got row shapes {sizes}")
+    k = next(iter(sizes.values()))[1]
+    if k < 2:
+        raise PrefoptError(f"{path}: groups of K={k} samples; rankings and scores need K >= 2")
+    return k
+
+
+def load_binary(path, split: str | None = None) -> TensorSamples:
+    columns = read_columns(path, split)
+    if "label" not in columns:
+        raise PrefoptError(f"{path}: feedback=binary needs a 'label' column (1 desirable, 0 undesirable); "
+                           f"found columns {sorted(columns)}")
+    items, condition = _split(path, columns, ("label",), "binary")
+    label = _tensor(path, "label", columns["label"])
+    if label.dim() != 1 or not bool(((label == 0) | (label == 1)).all()):
+        raise PrefoptError(f"{path}: column 'label' must hold one 0/1 (or bool) value per row")
+    return TensorSamples(items, condition, label.to(torch.int64))
+
+
+def load_ranking(path, split: str | None = None) -> TensorRankings:
+    columns = read_columns(path, split)
+    items, shared = _split(path, columns, ("tie",), "ranking")
+    k = _group_size(path, items)
+    tie = None
+    if "tie" in columns:
+        tie = _tensor(path, "tie", columns["tie"])
+        if tie.dim() != 2 or tie.shape[1] != k * (k - 1) // 2:
+            raise PrefoptError(f"{path}: column 'tie' must hold K(K-1)/2 = {k * (k - 1) // 2} booleans per row")
+    return TensorRankings(items, shared, tie)
+
+
+def load_scores(path, split: str | None = None) -> Groups:
+    columns = read_columns(path, split)
+    if "scores" not in columns:
+        raise PrefoptError(f"{path}: feedback=scores needs a 'scores' column (K numbers per row); "
+                           f"found columns {sorted(columns)}")
+    items, shared = _split(path, columns, ("scores",), "scores")
+    k = _group_size(path, items)
+    scores = _tensor(path, "scores", columns["scores"])
+    if scores.dim() != 2 or scores.shape[1] != k or not scores.is_floating_point() and scores.dtype == torch.bool:
+        raise PrefoptError(f"{path}: column 'scores' must hold K = {k} numbers per row, one per sample")
+    return Groups(items, shared, scores.to(torch.float64))
+
+
+LOADERS = {"binary": load_binary, "ranking": load_ranking, "scores": load_scores}
+
+
+def load_feedback(kind: str, path, split: str | None = None):
+    """The file at ``path`` read as feedback ``kind`` (see the module docstring for the schema)."""
+    if kind not in LOADERS:
+        raise PrefoptError(f"feedback={kind} reads no file; allowed with feedback.path: {', '.join(FILE_KINDS)}")
+    return LOADERS[kind](path, split)
