@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from benchmarks import common, setups, trl_runner
+from prefopt.atomic import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -453,7 +454,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _write(out: Path, results: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out)
+    atomic_write(out, json.dumps(results, indent=2))

@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.errors import PrefoptError
+from prefopt.runlock import release_all, run_id
 
 log = logging.getLogger("prefopt")
 
@@ -44,6 +45,7 @@ def sweep_subdir(override_dirname: str, job_num) -> str:
 
 
 OmegaConf.register_new_resolver("prefopt_subdir", sweep_subdir, replace=True)
+OmegaConf.register_new_resolver("prefopt_run_id", run_id, replace=True)  # prefopt.runlock: unique run folders
 
 
 def _checkout_configs() -> Path | None:
@@ -225,8 +227,9 @@ def _run(cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from prefopt.atomic import atomic_write
     from prefopt.run_summary import write_run_summary
-    from prefopt.train import atomic_write_text, train
+    from prefopt.train import train
 
     quiet_console()
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
@@ -236,7 +239,7 @@ def _run(cfg: DictConfig) -> float | None:
         print(f"prefopt: error: {message}", file=sys.stderr)
         if multirun:  # keep the sweep going; the report lists this run as failed
             Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
-            atomic_write_text(Path(cfg.paths.output_dir) / "error.txt", f"PrefoptError: {message}\n")
+            atomic_write(Path(cfg.paths.output_dir) / "error.txt", f"PrefoptError: {message}\n")
             return None
         raise SystemExit(2)
 
@@ -296,6 +299,7 @@ def main() -> None:
         print(f"prefopt: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
+        release_all()  # the run folder's lock (prefopt.runlock), also when the run ended with SystemExit
         if not user_full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)
 

@@ -316,12 +316,10 @@ def to_stream(notes: Sequence[Note], prompt_notes: int = 0, title: str | None = 
 
 def write_midi(notes: Sequence[Note], path: Path) -> None:
     """Write a melody as a MIDI file, atomically (music21 writes a temp file that is then renamed)."""
-    import os
+    from prefopt.atomic import atomic_path
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.mid")
-    to_stream(notes).write("midi", fp=str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        to_stream(notes).write("midi", fp=str(tmp))
 
 
 __all__ = ["BOS", "EOS", "MAJOR", "MINOR", "MODES", "PAD", "PARSE_VERSION", "ChoraleTokenizer", "Chorales", "TONIC",

@@ -34,8 +34,8 @@ from prefopt.data.pairs import TensorPairs, collate_pairs
 from prefopt.data.teachers import ScriptedTeacher, to_pairs
 from prefopt.feedback.data import Groups
 from prefopt.errors import PrefoptError, check_choice
-from prefopt.tasks.bandit import mean_and_se
-from prefopt.tasks.base import EpochShuffleSampler, Task, win_rate
+from prefopt.metrics import mean_and_se, win_rate
+from prefopt.tasks.base import EpochShuffleSampler, Task
 from prefopt.tasks.sequence.chorales import (BOS, EOS, MAJOR, MINOR, PAD, PARSE_VERSION, ChoraleTokenizer, Chorales,
                                              load_chorales, write_midi)
 from prefopt.tasks.sequence.model import MelodyTransformer
