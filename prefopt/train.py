@@ -18,7 +18,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.cache import cached_tensors
-from prefopt.checkpoint_io import KeepLogsWithCheckpoints, check_checkpoint_file
+from prefopt.checkpoint_io import KeepLogsWithCheckpoints, RecordRunSignature, check_checkpoint_file, check_resume, \
+    run_signature
 from prefopt.data.pairs import TensorPairs
 from prefopt.distributed import is_fsdp, unwrapped_policy
 from prefopt.errors import PrefoptError, check_choice
@@ -29,6 +30,7 @@ from prefopt.module import NONFINITE_MODES, TIE_MODES, PreferenceModule, check_l
 from prefopt.reference import make_reference
 from prefopt.runlock import check_not_finished, hold_run_folder
 from prefopt.tasks.base import Task
+from prefopt.validation import summary_json, validate_options
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -98,6 +100,7 @@ def validate_config(cfg: DictConfig) -> None:
     reference strategy is built (its options checked) and matched against the loss; the optimizer and
     scheduler are built on a dummy parameter. Every failure is a PrefoptError naming the option.
     """
+    validate_options(cfg)  # types, ranges and paths of the generic options (prefopt.validation)
     try:
         seed = int(str(cfg.seed))
     except ValueError:
@@ -210,9 +213,14 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     validate_config(cfg)
     ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"), output_dir / "checkpoints")
+    if ckpt_path:  # the loss, reference, domain of the checkpoint's run, before anything is built
+        check_resume(ckpt_path, run_signature(cfg))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     task: Task = _instantiate(cfg.domain.task, "domain.task")
     policy = task.build_policy()
+    signature = run_signature(cfg, policy.network)  # saved in every checkpoint; a resume must match it
+    if ckpt_path:
+        check_resume(ckpt_path, signature)
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
     if ckpt_path and task.rounds > 1:
         raise PrefoptError(f"ckpt_path resumes single-round runs only; this task has rounds={task.rounds}")
@@ -226,6 +234,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         val = task.val_pairs() if pairs_only else None
         module = build_module(cfg, policy, round_index)
         trainer = build_trainer(cfg, output_dir, round_index, resuming=bool(ckpt_path))
+        trainer.callbacks.append(RecordRunSignature(signature))
         plain = copy.deepcopy(module.policy) if is_fsdp(trainer) else None  # FSDP wraps the networks in place
         trainer.fit(module, train_dataloaders=round_dataloader(cfg, task, pairs),
                     val_dataloaders=task.dataloader(val, train=False) if val is not None else None,
@@ -248,7 +257,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "rounds": rounds,
     }
     if rank_zero_only.rank == 0:  # under DDP every rank has the same result; one writes it
-        atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+        atomic_write_text(output_dir / "summary.json", summary_json(summary))  # strict: NaN -> null
         export_policy(policy, output_dir / "policy.safetensors")
         # Kept out of summary.json so that one config and seed always give the same summary.
         timing = {"wall_time_s": round(time.perf_counter() - started, 2)}
