@@ -45,7 +45,7 @@ from prefopt.adapters.diffusion import DiffusionDraw, DiffusionPolicy
 from prefopt.data.pairs import TensorPairs
 from prefopt.data.teachers import ScriptedTeacher, to_pairs
 from prefopt.module import PreferenceModule
-from prefopt.tasks.bandit import mean_and_se
+from prefopt.metrics import mean_and_se
 
 FAST = os.environ.get("PREFOPT_EXAMPLE_FAST") == "1"
 ENV_ID, OBS_DIM, ACT_DIM, MAX_TORQUE = "Pendulum-v1", 3, 1, 2.0

@@ -33,7 +33,7 @@ def main(output_dir: str | os.PathLike | None = None) -> dict:
     task = DigitsDiffusionTask(
         base=tiny_unet if FAST else None, reward="ink", pairs_per_class=4 if FAST else 100,
         sample_steps=4 if FAST else 25, eval_per_class=4 if FAST else 50, grid_per_class=2 if FAST else 8,
-        batch_size=8 if FAST else 64, reference="copy", seed=0, cache_dir=output_dir / "cache")
+        batch_size=8 if FAST else 64, seed=0, cache_dir=output_dir / "cache")
 
     policy = task.build_policy()                                    # the pretrained (cached) DDPM
     reference = copy.deepcopy(policy).requires_grad_(False).eval()  # what evaluate() compares against

@@ -21,6 +21,8 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
+from prefopt.atomic import atomic_path, atomic_write
+
 log = logging.getLogger(__name__)
 
 #: how many times each kind of entry was built in this process (tests assert on it)
@@ -71,12 +73,9 @@ def cached_tensors(cache_dir: str | os.PathLike, kind: str, config: Mapping[str,
             log.info("cache: reused %s entry %s", kind, path)
             return tensors
         tensors = {k: v.detach().cpu().contiguous() for k, v in build().items()}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"config": json.dumps(config, sort_keys=True, default=str)})
-        os.replace(tmp, path)
-        sidecar_tmp = path.with_name(f".{path.stem}.sha256.tmp-{os.getpid()}")
-        sidecar_tmp.write_text(_digest(path))
-        os.replace(sidecar_tmp, path.with_suffix(".sha256"))
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"config": json.dumps(config, sort_keys=True, default=str)})
+        atomic_write(path.with_suffix(".sha256"), _digest(path))
         BUILD_COUNTS[kind] += 1
         log.info("cache: built %s entry %s", kind, path)
         return tensors

@@ -27,6 +27,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from prefopt.atomic import atomic_path, atomic_write
 from prefopt.errors import PrefoptError
 
 log = logging.getLogger(__name__)
@@ -65,19 +66,6 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
                            "not written by torch.save. Resume from an earlier checkpoint") from None
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a folder; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to a temporary file in the target's folder, fsync, ``os.replace``; load weights only.
 
@@ -88,19 +76,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        _fsync_dir(path.parent)
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            torch.save(checkpoint, handle)
 
     def load_checkpoint(self, path, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -144,9 +121,7 @@ class KeepLogsWithCheckpoints(L.Callback):
             metrics_file = Path(logger.log_dir) / "metrics.csv"
             backup = _backup_path(metrics_file)
             if not backup.is_file() and metrics_file.is_file():
-                tmp = backup.with_name(f"{backup.name}.tmp-{os.getpid()}")
-                tmp.write_bytes(metrics_file.read_bytes())
-                os.replace(tmp, backup)
+                atomic_write(backup, metrics_file.read_bytes())
             if backup.is_file():
                 self._pending.append((logger, _read_rows(backup)))
 

@@ -227,8 +227,9 @@ def _run(cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from prefopt.atomic import atomic_write
     from prefopt.run_summary import write_run_summary
-    from prefopt.train import atomic_write_text, train
+    from prefopt.train import train
 
     quiet_console()
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
@@ -238,7 +239,7 @@ def _run(cfg: DictConfig) -> float | None:
         print(f"prefopt: error: {message}", file=sys.stderr)
         if multirun:  # keep the sweep going; the report lists this run as failed
             Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
-            atomic_write_text(Path(cfg.paths.output_dir) / "error.txt", f"PrefoptError: {message}\n")
+            atomic_write(Path(cfg.paths.output_dir) / "error.txt", f"PrefoptError: {message}\n")
             return None
         raise SystemExit(2)
 

@@ -13,14 +13,14 @@ the margin, ``b = beta``, ``eps = label_smoothing``, ``L_c, L_r`` the lengths, `
 
 Per-pair losses (``extra`` lists what else the type reads)::
 
-    sigmoid       -(1-eps) ls(b d) - eps ls(-b d)          (eps > 0 is cDPO)     extra: eps
+    sigmoid       -(1-eps) ls(b d) - eps ls(-b d)          (eps > 0 is cDPO, see below)   extra: eps
     hinge         relu(1 - b d)
     ipo           (d' - 1/(2b))^2, d' = s_c/L_c - s_r/L_r with lengths, else d    extra: lengths (optional)
     exo_pair      q (ls(b d) - log(1-eps)) + (1-q) (ls(-b d) - log eps), q = sigmoid(b d)   extra: eps > 0
-    nca_pair      -ls(b s_c) - ls(-b s_c)/2 - ls(-b s_r)/2
+    nca_pair      -ls(b u_c) - ls(-b u_c)/2 - ls(-b u_r)/2
     robust        (-(1-eps) ls(b d) + eps ls(-b d)) / (1 - 2 eps)               extra: eps
-    bco_pair      -ls(b s_c - delta) - ls(delta - b s_r)                        extra: bco_delta
-    sppo_hard     (s_c - 1/(2b))^2 + (s_r + 1/(2b))^2
+    bco_pair      -ls(b u_c - delta) - ls(delta - b u_r)                        extra: bco_delta
+    sppo_hard     (u_c - 1/(2b))^2 + (u_r + 1/(2b))^2
     aot           sigmoid/cDPO form on sort(lp_c - lp_r) - sort(ref_c - ref_r)  extra: eps
     aot_unpaired  sigmoid/cDPO form on sort(u_c) - sort(u_r)                    extra: eps
     apo_zero      1 - sigmoid(b u_c) + sigmoid(b u_r)
@@ -36,9 +36,8 @@ Decisions where TRL is unclear, stateful or text-specific:
 
 * ``bco_pair``: TRL once subtracted a *running* mean of the rewards (newer TRL subtracts nothing).
   This module is stateless, so ``bco_delta`` is a float the caller may keep as a running mean; the
-  default ``None`` uses the detached mean of this batch's ``b s_c`` and ``b s_r`` together (with the
-  default f-divergence these are exactly the chosen and rejected rewards). ``bco_delta=0.0`` gives the
-  newer TRL loss.
+  default ``None`` uses the detached mean of this batch's ``b u_c`` and ``b u_r`` together (the chosen
+  and rejected rewards). ``bco_delta=0.0`` gives TRL 1.16's loss.
 * ``sigmoid_norm`` and length-normalized ``ipo`` divide the f-divergence scores by the lengths, as TRL
   divides by the completion token counts. ``sigmoid_norm`` needs both lengths; ``ipo`` takes both or none.
   (``sigmoid_norm`` is recent in TRL; this is its definition as ports of it describe it, and also the
@@ -53,19 +52,27 @@ Decisions where TRL is unclear, stateful or text-specific:
   in ``(0, 1]`` is the conservative bias (1.0 = unbiased).
 * ``discopop``: the exponential term is evaluated as ``exp(log m - b d)``, which equals TRL's
   ``m * exp(-b d)`` but stays finite (TRL's form gives ``0 * inf = nan`` for very negative margins).
+* ``sigmoid`` with ``label_smoothing > 0`` is conservative DPO (cDPO, Mitchell 2023): the label is taken
+  to be flipped with probability ``eps``. TRL 1.16's ``DPOTrainer`` ignores ``label_smoothing`` for
+  ``sigmoid`` (it uses it only for ``robust`` and ``exo_pair``); prefopt keeps cDPO, so ``sigmoid`` with
+  ``label_smoothing=0.1`` trains differently here than in TRL 1.16 (``conf/loss/cdpo.yaml`` selects it).
 * Label smoothing is the probability that a label is flipped; it must lie in ``[0, 0.5)`` for every
   type that uses it (``robust`` divides by ``1 - 2 eps``; at 0.5 and above the preference inverts).
   ``exo_pair`` needs ``eps > 0`` (it takes ``log eps``; TRL's recommended value is ``1e-3``).
 
-f-divergences (option ``f_divergence_type``, TRL's f-DPO scores): ``reverse_kl`` ``s = u``;
-``forward_kl`` ``s = -exp(-u)``; ``js_divergence`` ``s = log sigmoid(u)``; ``alpha_divergence``
-``s = exp((a-1) u) / (a-1)`` with ``a = alpha_divergence_coef`` (``a = 1`` is ``reverse_kl``,
-``a = 0`` is ``forward_kl``). This is current TRL's parameterization (older TRL used ``1 - a``).
-Exponents are capped as in TRL (80, or 11 in float16) -- here also for ``forward_kl`` -- so
-huge log-ratios saturate instead of overflowing. The scores are used by every type whose formula above
-is written in ``s`` or ``d``: sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard,
-discopop, sigmoid_norm. The others (aot, aot_unpaired, apo_zero, apo_down -- TRL uses the raw
-log-ratios there, or mixes both -- and the reference-free types) reject a non-default f-divergence.
+f-divergences (option ``f_divergence_type``, the f-DPO scores ``s = f'(exp u)`` of TRL 1.16's
+``DPOTrainer``, additive constants included): ``reverse_kl`` ``s = u``; ``forward_kl`` ``s = 1 - exp(-u)``;
+``js_divergence`` ``s = log 2 + log sigmoid(u)``; ``alpha_divergence`` ``s = (exp((a-1) u) - 1) / (a-1)``
+with ``a = alpha_divergence_coef``, default 0.5 as TRL's ``f_alpha_divergence_coef`` (``a = 1`` is
+``reverse_kl``, ``a = 0`` is ``forward_kl``). The constants cancel in ``d = s_c - s_r`` but not in the
+length-normalized margin of ``ipo`` and ``sigmoid_norm`` (``s_c/L_c - s_r/L_r``). Exponents are capped
+as in TRL (80, or 11 in float16) -- here also for ``forward_kl``, which TRL leaves uncapped -- so huge
+log-ratios saturate instead of overflowing. As in TRL 1.16, a non-default f-divergence applies only to
+the types built on the chosen-rejected difference of scores: sigmoid, hinge, ipo, exo_pair, robust,
+discopop, sigmoid_norm (the f-DPO reparameterization leaves a ``b log Z(x)`` term that cancels only in
+that difference). ``nca_pair``, ``bco_pair`` and ``sppo_hard`` use the raw log-ratios (``s = u``) and,
+with aot, aot_unpaired, apo_zero, apo_down and the reference-free types, reject a non-default
+f-divergence.
 
 Input rules:
 
@@ -87,7 +94,7 @@ uses the standard DPO rewards ``b u`` when references are given, else ``b lp``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from numbers import Real
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -100,10 +107,14 @@ from prefopt.errors import PrefoptError, check_choice
 
 __all__ = [
     "F_DIVERGENCE_TYPES",
+    "LOSS_ALIASES",
     "LOSS_TYPES",
+    "LossConfig",
     "OPTION_DEFAULTS",
     "REFERENCE_FREE",
     "PreferenceLossOutput",
+    "compute_loss",
+    "normalize_loss_type",
     "preference_loss",
 ]
 
@@ -112,7 +123,7 @@ F_DIVERGENCE_TYPES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergenc
 OPTION_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "loss_weights": None,  # one weight per loss type; None = all 1.0
     "f_divergence_type": "reverse_kl",
-    "alpha_divergence_coef": 1.0,  # TRL's f_alpha_divergence_coef
+    "alpha_divergence_coef": 0.5,  # TRL's f_alpha_divergence_coef (DPOConfig default 0.5)
     "bco_delta": None,  # None = detached batch mean of the bco rewards
     "discopop_tau": 0.05,
     "simpo_gamma": 0.5,  # TRL CPOConfig default
@@ -187,16 +198,17 @@ def _capped_exp(x: Tensor) -> Tensor:
 
 
 def _f_divergence_scores(logratios: Tensor, kind: str, alpha: float) -> Tensor:
-    """Map a log-ratio ``u = log(pi / pi_ref)`` to its f-DPO score (see the module docstring)."""
-    if kind == "reverse_kl":
+    """Map a log-ratio ``u = log(pi / pi_ref)`` to its f-DPO score ``f'(exp u)`` (see the module docstring)."""
+    if kind == "reverse_kl":  # f'(t) = log t + 1, the constant dropped as in TRL
         return logratios
-    if kind == "forward_kl":
-        return -_capped_exp(-logratios)
-    if kind == "js_divergence":
-        return F.logsigmoid(logratios)
+    if kind == "forward_kl":  # f'(t) = 1 - 1/t
+        return 1.0 - _capped_exp(-logratios)
+    if kind == "js_divergence":  # f'(t) = log(2t / (t + 1)) = log 2 + log sigmoid(log t)
+        return math.log(2.0) + F.logsigmoid(logratios)
     if abs(alpha - 1.0) < 1e-6:  # the alpha -> 1 limit is reverse KL
         return logratios
-    return _capped_exp((alpha - 1.0) * logratios) / (alpha - 1.0)
+    # f'(t) = (t^(a-1) - 1) / (a - 1)
+    return (_capped_exp((alpha - 1.0) * logratios) - 1.0) / (alpha - 1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +236,7 @@ def _exo_pair(p: _Pairs) -> Tensor:
 
 
 def _nca_pair(p: _Pairs) -> Tensor:
-    chosen, rejected = p.beta * p.chosen_scores, p.beta * p.rejected_scores
+    chosen, rejected = p.beta * p.chosen_logratios, p.beta * p.rejected_logratios
     return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
 
 
@@ -234,7 +246,7 @@ def _robust(p: _Pairs) -> Tensor:
 
 
 def _bco_pair(p: _Pairs) -> Tensor:
-    chosen, rejected = p.beta * p.chosen_scores, p.beta * p.rejected_scores
+    chosen, rejected = p.beta * p.chosen_logratios, p.beta * p.rejected_logratios
     delta = p.options["bco_delta"]
     if delta is None:
         delta = torch.cat([chosen, rejected]).mean().detach()
@@ -243,7 +255,7 @@ def _bco_pair(p: _Pairs) -> Tensor:
 
 def _sppo_hard(p: _Pairs) -> Tensor:
     target = 0.5 / p.beta
-    return (p.chosen_scores - target) ** 2 + (p.rejected_scores + target) ** 2
+    return (p.chosen_logratios - target) ** 2 + (p.rejected_logratios + target) ** 2
 
 
 def _aot(p: _Pairs) -> Tensor:
@@ -311,10 +323,10 @@ _SPECS: dict[str, _Spec] = {
     "hinge": _Spec(_hinge, f_divergence=True),
     "ipo": _Spec(_ipo, lengths="optional", f_divergence=True),
     "exo_pair": _Spec(_exo_pair, label_smoothing=True, f_divergence=True),
-    "nca_pair": _Spec(_nca_pair, f_divergence=True),
+    "nca_pair": _Spec(_nca_pair),
     "robust": _Spec(_robust, label_smoothing=True, f_divergence=True),
-    "bco_pair": _Spec(_bco_pair, f_divergence=True, options=("bco_delta",)),
-    "sppo_hard": _Spec(_sppo_hard, f_divergence=True),
+    "bco_pair": _Spec(_bco_pair, options=("bco_delta",)),
+    "sppo_hard": _Spec(_sppo_hard),
     "aot": _Spec(_aot, label_smoothing=True),
     "aot_unpaired": _Spec(_aot_unpaired, label_smoothing=True),
     "apo_zero": _Spec(_apo_zero),
@@ -327,11 +339,13 @@ _SPECS: dict[str, _Spec] = {
 }
 
 LOSS_TYPES: tuple[str, ...] = tuple(_SPECS)
+#: other names accepted for a loss type (``loss_type="dpo"`` or ``loss=dpo`` is the sigmoid loss)
+LOSS_ALIASES: Mapping[str, str] = MappingProxyType({"dpo": "sigmoid"})
 REFERENCE_FREE: frozenset[str] = frozenset(name for name, spec in _SPECS.items() if not spec.reference)
 
 
 # --------------------------------------------------------------------------------------------------
-# Validation
+# Options: one frozen config, validated once
 
 
 def _show(value: Any) -> str:
@@ -348,13 +362,23 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _loss_names(loss_type: Any) -> tuple[str, ...]:
+def normalize_loss_type(loss_type: Any) -> tuple[str, ...]:
+    """The selected loss type(s) as a tuple of names from :data:`LOSS_TYPES`.
+
+    Takes a name or a non-empty list of names; aliases (:data:`LOSS_ALIASES`: ``dpo`` is ``sigmoid``) are
+    replaced by the type they name. This is the one place where loss-type names are checked.
+    """
     names = (loss_type,) if isinstance(loss_type, str) else loss_type
-    if not isinstance(names, (list, tuple)) or not names:
+    if isinstance(names, (bytes, Mapping)) or not isinstance(names, Sequence) or not names:
         raise _reject("loss_type", loss_type, f"a name or a non-empty list of names from {', '.join(LOSS_TYPES)}")
+    out = []
     for name in names:
-        check_choice("loss_type", name, LOSS_TYPES)
-    return tuple(names)
+        name = LOSS_ALIASES.get(name, name) if isinstance(name, str) else name
+        if name not in _SPECS:
+            raise _reject("loss_type", name, f"{', '.join(LOSS_TYPES)} (or {', '.join(LOSS_ALIASES)}, an alias of "
+                                             f"{', '.join(sorted(set(LOSS_ALIASES.values())))})")
+        out.append(name)
+    return tuple(out)
 
 
 def _check_number(option: str, value: Any, ok: Callable[[float], bool], allowed: str) -> float:
@@ -363,79 +387,110 @@ def _check_number(option: str, value: Any, ok: Callable[[float], bool], allowed:
     return float(value)
 
 
-def _resolve_options(options: Mapping[str, Any], count: int) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(OPTION_DEFAULTS))
-    if unknown:
-        raise PrefoptError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} for preference_loss; "
-            f"known options: {', '.join(OPTION_DEFAULTS)}"
-        )
-    resolved = {**OPTION_DEFAULTS, **options}
+@dataclass(frozen=True)
+class LossConfig:
+    """The loss options, checked once when the config is made (as TRL's ``DPOConfig.__post_init__``).
 
-    weights = resolved["loss_weights"]
-    if weights is None:
-        resolved["loss_weights"] = (1.0,) * count
-    else:
-        allowed = f"a list of {count} finite numbers >= 0, one per loss type"
-        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or len(weights) != count:
-            raise _reject("loss_weights", weights, allowed)
-        if not all(_is_number(w) and w >= 0 for w in weights):
-            raise _reject("loss_weights", weights, allowed)
-        resolved["loss_weights"] = tuple(float(w) for w in weights)
+    ``loss_type`` is normalized to a tuple of names (aliases resolved) and ``loss_weights`` to one float per
+    type. Every bad value or combination raises a :class:`~prefopt.errors.PrefoptError` naming the option,
+    the value and what is allowed; an option that no selected type uses must keep its default. The fields
+    and their meaning are those of :func:`preference_loss`; the training step calls :func:`compute_loss`
+    with a config made once, which checks no option again.
+    """
 
-    check_choice("f_divergence_type", resolved["f_divergence_type"], F_DIVERGENCE_TYPES)
-    resolved["alpha_divergence_coef"] = _check_number(
-        "alpha_divergence_coef", resolved["alpha_divergence_coef"], lambda v: True, "a finite number"
-    )
-    if resolved["bco_delta"] is not None:
-        resolved["bco_delta"] = _check_number(
-            "bco_delta", resolved["bco_delta"], lambda v: True, "None (batch mean) or a finite number"
-        )
-    resolved["discopop_tau"] = _check_number("discopop_tau", resolved["discopop_tau"], lambda v: v > 0, "a number > 0")
-    resolved["simpo_gamma"] = _check_number("simpo_gamma", resolved["simpo_gamma"], lambda v: v >= 0, "a number >= 0")
-    resolved["cpl_lambda"] = _check_number(
-        "cpl_lambda", resolved["cpl_lambda"], lambda v: 0 < v <= 1, "a number in (0, 1]"
-    )
-    return resolved
+    loss_type: Any = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    loss_weights: Any = None
+    f_divergence_type: str = OPTION_DEFAULTS["f_divergence_type"]
+    alpha_divergence_coef: float = OPTION_DEFAULTS["alpha_divergence_coef"]
+    bco_delta: float | None = OPTION_DEFAULTS["bco_delta"]
+    discopop_tau: float = OPTION_DEFAULTS["discopop_tau"]
+    simpo_gamma: float = OPTION_DEFAULTS["simpo_gamma"]
+    cpl_lambda: float = OPTION_DEFAULTS["cpl_lambda"]
+
+    def __post_init__(self):
+        names = normalize_loss_type(self.loss_type)
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        set_("loss_type", names)
+        set_("beta", _check_number("beta", self.beta, lambda v: v > 0, "a finite number > 0"))
+        set_("label_smoothing", _check_number("label_smoothing", self.label_smoothing, lambda v: 0 <= v < 0.5,
+                                              "a number in [0, 0.5)"))
+        weights = self.loss_weights
+        if weights is None:
+            set_("loss_weights", (1.0,) * len(names))
+        else:
+            allowed = f"a list of {len(names)} finite numbers >= 0, one per loss type"
+            if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or len(weights) != len(names):
+                raise _reject("loss_weights", weights, allowed)
+            if not all(_is_number(w) and w >= 0 for w in weights):
+                raise _reject("loss_weights", weights, allowed)
+            set_("loss_weights", tuple(float(w) for w in weights))
+        check_choice("f_divergence_type", self.f_divergence_type, F_DIVERGENCE_TYPES)
+        set_("alpha_divergence_coef", _check_number("alpha_divergence_coef", self.alpha_divergence_coef,
+                                                    lambda v: True, "a finite number"))
+        if self.bco_delta is not None:
+            set_("bco_delta", _check_number("bco_delta", self.bco_delta, lambda v: True,
+                                            "None (batch mean) or a finite number"))
+        set_("discopop_tau", _check_number("discopop_tau", self.discopop_tau, lambda v: v > 0, "a number > 0"))
+        set_("simpo_gamma", _check_number("simpo_gamma", self.simpo_gamma, lambda v: v >= 0, "a number >= 0"))
+        set_("cpl_lambda", _check_number("cpl_lambda", self.cpl_lambda, lambda v: 0 < v <= 1, "a number in (0, 1]"))
+        self._check_used()
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any]) -> "LossConfig":
+        """A config from a mapping (a Hydra ``loss`` group without ``ties``); unknown keys are errors."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise PrefoptError(f"unknown loss option(s) {', '.join(map(repr, unknown))}; known options: "
+                               f"{', '.join(known)}")
+        return cls(**options)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The type-specific options, as :func:`preference_loss` takes them."""
+        return {name: getattr(self, name) for name in OPTION_DEFAULTS}
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether some selected type needs reference log-likelihoods."""
+        return any(_SPECS[name].reference for name in self.loss_type)
+
+    def _check_used(self) -> None:
+        """Non-default values of options that no selected type uses are errors."""
+        names = self.loss_type
+        specs = [_SPECS[name] for name in names]
+        selected = ", ".join(map(repr, names))
+
+        def users(predicate: Callable[[_Spec], bool]) -> str:
+            return ", ".join(name for name, spec in _SPECS.items() if predicate(spec))
+
+        eps = self.label_smoothing
+        if eps != 0.0 and not any(s.label_smoothing for s in specs):
+            raise _reject("label_smoothing", eps,
+                          f"0.0 for loss_type {selected}; it is used by {users(lambda s: s.label_smoothing)}")
+        if "exo_pair" in names and not 0.0 < eps < 0.5:
+            raise _reject("label_smoothing", eps, "a number in (0, 0.5) with exo_pair (e.g. 1e-3)")
+        kind = self.f_divergence_type
+        # every selected type that reads the reference must take the scores (reference-free ones ignore them)
+        refuse = [s for s in specs if s.reference and not s.f_divergence] or not any(s.f_divergence for s in specs)
+        if kind != OPTION_DEFAULTS["f_divergence_type"] and refuse:
+            raise _reject("f_divergence_type", kind, f"'reverse_kl' for loss_type {selected}; other f-divergences "
+                                                     f"apply to {users(lambda s: s.f_divergence)} only")
+        alpha = self.alpha_divergence_coef
+        if alpha != OPTION_DEFAULTS["alpha_divergence_coef"] and kind != "alpha_divergence":
+            raise _reject("alpha_divergence_coef", alpha, f"{OPTION_DEFAULTS['alpha_divergence_coef']} unless "
+                                                          f"f_divergence_type='alpha_divergence' (it is {kind!r})")
+        for option, default in OPTION_DEFAULTS.items():
+            owners = [name for name, spec in _SPECS.items() if option in spec.options]
+            value = getattr(self, option)
+            if owners and value != default and not set(owners) & set(names):
+                raise _reject(option, value, f"{default!r} for loss_type {selected}; it is used by {', '.join(owners)}")
 
 
-def _check_used(names: tuple[str, ...], label_smoothing: float, options: Mapping[str, Any]) -> None:
-    """Non-default values of options that no selected type uses are errors."""
-    specs = [_SPECS[name] for name in names]
-    selected = ", ".join(map(repr, names))
-
-    def users(predicate: Callable[[_Spec], bool]) -> str:
-        return ", ".join(name for name, spec in _SPECS.items() if predicate(spec))
-
-    if label_smoothing != 0.0 and not any(s.label_smoothing for s in specs):
-        raise _reject(
-            "label_smoothing",
-            label_smoothing,
-            f"0.0 for loss_type {selected}; it is used by {users(lambda s: s.label_smoothing)}",
-        )
-    if "exo_pair" in names and not 0.0 < label_smoothing < 0.5:
-        raise _reject("label_smoothing", label_smoothing, "a number in (0, 0.5) with exo_pair (e.g. 1e-3)")
-
-    f_divergence = options["f_divergence_type"]
-    if f_divergence != OPTION_DEFAULTS["f_divergence_type"] and not any(s.f_divergence for s in specs):
-        raise _reject(
-            "f_divergence_type",
-            f_divergence,
-            f"'reverse_kl' for loss_type {selected}; other f-divergences apply to {users(lambda s: s.f_divergence)}",
-        )
-    alpha = options["alpha_divergence_coef"]
-    if alpha != OPTION_DEFAULTS["alpha_divergence_coef"] and f_divergence != "alpha_divergence":
-        raise _reject(
-            "alpha_divergence_coef",
-            alpha,
-            f"1.0 unless f_divergence_type='alpha_divergence' (it is {f_divergence!r})",
-        )
-
-    for option, default in OPTION_DEFAULTS.items():
-        owners = [name for name, spec in _SPECS.items() if option in spec.options]
-        if owners and options[option] != default and not set(owners) & set(names):
-            allowed = f"{default!r} for loss_type {selected}; it is used by {', '.join(owners)}"
-            raise _reject(option, options[option], allowed)
+# --------------------------------------------------------------------------------------------------
+# Input checks of the public function (the training step skips them: its inputs come from the policy)
 
 
 def _check_logps(option: str, value: Any, like: Tensor | None) -> Tensor:
@@ -456,12 +511,13 @@ def _check_lengths(option: str, value: Any, like: Tensor) -> Tensor:
     lengths = torch.as_tensor(value, device=like.device).detach().to(like.dtype)
     if lengths.dim() != 0 and lengths.shape != like.shape:
         raise _reject(option, value, allowed)
-    if not bool(torch.isfinite(lengths).all()) or bool((lengths <= 0).any()):
+    if not bool(torch.isfinite(lengths).all()) or bool((lengths <= 0).any()):  # reads the values: a device sync
         raise _reject(option, value, allowed)
     return lengths
 
 
 def _check_length_needs(names: tuple[str, ...], chosen: Any, rejected: Any) -> None:
+    """Which types need lengths: a check of ``None``-ness only (no tensor values are read)."""
     for name in names:
         need = _SPECS[name].lengths
         if need == "required":
@@ -474,7 +530,7 @@ def _check_length_needs(names: tuple[str, ...], chosen: Any, rejected: Any) -> N
 
 
 # --------------------------------------------------------------------------------------------------
-# Entry point
+# Entry points
 
 
 def preference_loss(
@@ -493,7 +549,8 @@ def preference_loss(
     """Per-pair preference loss and rewards; see the module docstring for every formula.
 
     Args:
-        loss_type: one of :data:`LOSS_TYPES`, or a list of them (weighted sum, see ``loss_weights``).
+        loss_type: one of :data:`LOSS_TYPES` (or an alias, ``dpo``), or a list of them (weighted sum, see
+            ``loss_weights``).
         policy_chosen_logps, policy_rejected_logps: ``[B]`` policy log-likelihoods.
         ref_chosen_logps, ref_rejected_logps: ``[B]`` reference log-likelihoods, or both ``None`` when
             every selected type is in :data:`REFERENCE_FREE`.
@@ -501,22 +558,27 @@ def preference_loss(
         label_smoothing: label-flip probability in ``[0, 0.5)``; > 0 only with a type that uses it.
         chosen_lengths, rejected_lengths: positive lengths for the length-normalized types.
         **options: ``loss_weights`` (None = all 1.0), ``f_divergence_type`` ("reverse_kl"),
-            ``alpha_divergence_coef`` (1.0), ``bco_delta`` (None = batch mean), ``discopop_tau`` (0.05),
+            ``alpha_divergence_coef`` (0.5), ``bco_delta`` (None = batch mean), ``discopop_tau`` (0.05),
             ``simpo_gamma`` (0.5), ``cpl_lambda`` (1.0).
+
+    Every option and input is checked here (a :class:`LossConfig` is made and the tensors' shapes and the
+    lengths' values are checked). A training loop that makes its :class:`LossConfig` once calls
+    :func:`compute_loss` instead, which repeats none of that.
 
     Raises:
         PrefoptError: for any bad input; the message names the option, its value and what is allowed.
     """
-    names = _loss_names(loss_type)
-    beta = _check_number("beta", beta, lambda v: v > 0, "a finite number > 0")
-    label_smoothing = _check_number("label_smoothing", label_smoothing, lambda v: 0 <= v < 0.5, "a number in [0, 0.5)")
-    opts = _resolve_options(options, len(names))
-    _check_used(names, label_smoothing, opts)
-
+    unknown = sorted(set(options) - set(OPTION_DEFAULTS))
+    if unknown:
+        raise PrefoptError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for preference_loss; "
+            f"known options: {', '.join(OPTION_DEFAULTS)}"
+        )
+    config = LossConfig(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options)
     chosen = _check_logps("policy_chosen_logps", policy_chosen_logps, None)
     rejected = _check_logps("policy_rejected_logps", policy_rejected_logps, chosen)
-    needs_reference = [name for name in names if _SPECS[name].reference]
     refs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+    needs_reference = [name for name in config.loss_type if _SPECS[name].reference]
     for option, value in refs.items():
         if value is None and (needs_reference or any(v is not None for v in refs.values())):
             why = (
@@ -526,33 +588,53 @@ def preference_loss(
             )
             raise _reject(option, None, f"a floating-point tensor of shape {list(chosen.shape)}; {why}")
         if value is not None:
-            refs[option] = _check_logps(option, value, chosen).detach()
-    ref_chosen, ref_rejected = refs["ref_chosen_logps"], refs["ref_rejected_logps"]
-
-    _check_length_needs(names, chosen_lengths, rejected_lengths)
+            _check_logps(option, value, chosen)
+    _check_length_needs(config.loss_type, chosen_lengths, rejected_lengths)
     lengths_c = None if chosen_lengths is None else _check_lengths("chosen_lengths", chosen_lengths, chosen)
     lengths_r = None if rejected_lengths is None else _check_lengths("rejected_lengths", rejected_lengths, chosen)
+    return compute_loss(config, chosen, rejected, ref_chosen_logps, ref_rejected_logps, lengths_c, lengths_r)
 
+
+def compute_loss(
+    config: LossConfig,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+) -> PreferenceLossOutput:
+    """:func:`preference_loss` for a :class:`LossConfig` made once: the training step's entry point.
+
+    No option is checked again and no tensor value is read on the host (no device sync). Which inputs
+    are present is still checked (a ``None`` test): a policy without lengths under a length-normalized
+    type, or a missing reference, is one clear error.
+    """
+    names = config.loss_type
+    if ref_chosen_logps is None and config.needs_reference:
+        raise _reject("ref_chosen_logps", None, f"reference log-likelihoods; loss_type {names} needs them")
+    _check_length_needs(names, chosen_lengths, rejected_lengths)
+    ref_chosen = None if ref_chosen_logps is None else ref_chosen_logps.detach()
+    ref_rejected = None if ref_rejected_logps is None else ref_rejected_logps.detach()
     scores_c = scores_r = None
     if ref_chosen is not None:
-        kind, alpha = opts["f_divergence_type"], opts["alpha_divergence_coef"]
-        scores_c = _f_divergence_scores(chosen - ref_chosen, kind, alpha)
-        scores_r = _f_divergence_scores(rejected - ref_rejected, kind, alpha)
-
+        kind, alpha = config.f_divergence_type, config.alpha_divergence_coef
+        scores_c = _f_divergence_scores(policy_chosen_logps - ref_chosen, kind, alpha)
+        scores_r = _f_divergence_scores(policy_rejected_logps - ref_rejected, kind, alpha)
     pairs = _Pairs(
-        chosen_logps=chosen,
-        rejected_logps=rejected,
+        chosen_logps=policy_chosen_logps,
+        rejected_logps=policy_rejected_logps,
         ref_chosen_logps=ref_chosen,
         ref_rejected_logps=ref_rejected,
         chosen_scores=scores_c,
         rejected_scores=scores_r,
-        chosen_lengths=lengths_c,
-        rejected_lengths=lengths_r,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        options=opts,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        beta=config.beta,
+        label_smoothing=config.label_smoothing,
+        options=config.options,
     )
-    losses = sum(weight * _SPECS[name].fn(pairs) for name, weight in zip(names, opts["loss_weights"]))
+    losses = sum(weight * _SPECS[name].fn(pairs) for name, weight in zip(names, config.loss_weights))
     chosen_rewards, rejected_rewards = _rewards(names, pairs)
     return PreferenceLossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
 

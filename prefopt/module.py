@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
 import torch
 
 from prefopt.errors import PrefoptError, check_choice
-from prefopt.losses import REFERENCE_FREE, preference_loss
+from prefopt.losses import REFERENCE_FREE, LossConfig, compute_loss
 from prefopt.policy import PreferencePolicy, split_pairs
 from prefopt.reference import ReferenceStrategy, make_reference
 
@@ -21,17 +21,53 @@ class NonFiniteError(PrefoptError):
     """A log-likelihood or the loss became NaN or infinite during training."""
 
 
-def _loss_types(loss_type) -> list[str]:
-    return [loss_type] if isinstance(loss_type, str) else list(loss_type)
+def disable_dropout_layers(module: torch.nn.Module) -> int:
+    """Set ``p = 0`` on every dropout layer of ``module`` (TRL's ``disable_dropout_in_model``, extended from
+    ``nn.Dropout`` to every ``torch.nn`` dropout layer); returns how many were changed.
+
+    With dropout on, the policy's log-likelihood of a sample is noisy in training mode and differs from the
+    reference's (which is scored in eval mode) on the same sample, so the log-ratios start away from 0.
+    Dropout that a model applies functionally (e.g. an attention-probability dropout rate passed to
+    ``scaled_dot_product_attention``) is not a layer and is not touched: set it to 0 in the model's config.
+    """
+    layers = [m for m in module.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    for layer in layers:
+        layer.p = 0.0
+    return len(layers)
 
 
-def check_loss_reference(loss_type, reference_name: str) -> None:
-    """A loss that needs reference log-likelihoods cannot run with ``reference=none``."""
-    needs_ref = [t for t in _loss_types(loss_type) if t not in REFERENCE_FREE]
-    if reference_name == "none" and needs_ref:
+def _loss_options(loss: Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """``(options, ties)`` of a ``loss`` mapping (``loss_type``, ``beta``, options, ``ties``)."""
+    loss = dict(loss or {"loss_type": "sigmoid", "beta": 0.1})
+    ties = loss.pop("ties", "drop")
+    check_choice("loss.ties", ties, TIE_MODES)
+    if "loss_type" not in loss or "beta" not in loss:
+        raise PrefoptError(f"loss needs 'loss_type' and 'beta'; got keys {sorted(loss)}")
+    return loss, ties
+
+
+def loss_config(loss: LossConfig | Mapping[str, Any] | None) -> tuple[LossConfig, str]:
+    """``(LossConfig, ties)`` from a ``loss`` mapping (``loss_type``, ``beta``, options, ``ties``) or a config."""
+    if isinstance(loss, LossConfig):
+        return loss, "drop"
+    options, ties = _loss_options(loss)
+    try:
+        return LossConfig.from_mapping(options), ties
+    except PrefoptError as err:
+        raise PrefoptError(f"loss: {err}") from None
+
+
+def check_loss_reference(loss: LossConfig | str | Sequence[str], reference: ReferenceStrategy) -> None:
+    """A loss that needs reference log-likelihoods cannot run with a strategy that provides none.
+
+    ``loss`` is a :class:`~prefopt.losses.LossConfig` or loss-type name(s) (every type outside
+    :data:`~prefopt.losses.REFERENCE_FREE` needs a reference, the feedback losses included)."""
+    names = loss.loss_type if isinstance(loss, LossConfig) else ([loss] if isinstance(loss, str) else list(loss))
+    needs_ref = [t for t in names if t not in REFERENCE_FREE]
+    if needs_ref and not reference.provides_reference:
         raise PrefoptError(
-            f"loss_type {needs_ref} needs a reference model but reference=none; use reference=copy, "
-            f"adapter, precomputed or sync, or a reference-free loss ({', '.join(sorted(REFERENCE_FREE))})")
+            f"loss_type {needs_ref} needs a reference model but reference={reference.name} provides none; use "
+            f"another reference strategy, or a reference-free loss ({', '.join(sorted(REFERENCE_FREE))})")
 
 
 class PreferenceModule(L.LightningModule):
@@ -39,9 +75,9 @@ class PreferenceModule(L.LightningModule):
 
     Args:
         policy: the adapter (a :class:`~prefopt.policy.PreferencePolicy`).
-        loss: keyword arguments of :func:`prefopt.losses.preference_loss` (``loss_type``, ``beta``,
-            ``label_smoothing`` and loss options), plus ``ties``: ``"drop"`` (tied pairs are left out of
-            the loss) or ``"half"`` (each tie counts as half a preference each way).
+        loss: a :class:`~prefopt.losses.LossConfig`, or a mapping of its fields (``loss_type``, ``beta``,
+            ``label_smoothing`` and loss options) plus ``ties``: ``"drop"`` (tied pairs are left out of
+            the loss) or ``"half"`` (each tie counts as half a preference each way). Checked here, once.
         reference: a strategy name (``copy``, ``adapter``, ``precomputed``, ``none``, ``sync``), a mapping
             with ``name`` and options, or a :class:`~prefopt.reference.ReferenceStrategy`.
         optimizer: ``params -> torch.optim.Optimizer`` (a Hydra ``_partial_``); AdamW(lr=1e-4) by default.
@@ -50,33 +86,46 @@ class PreferenceModule(L.LightningModule):
             so a resumed run reproduces an uninterrupted one).
         nonfinite: ``"raise"`` stops on a NaN/inf log-likelihood or loss (after saving the last good
             state as ``nonfinite-last-good.ckpt`` in the trainer's folder); ``"skip"`` skips that batch.
+        disable_dropout: set every dropout layer of the policy and the reference to ``p = 0`` (TRL's
+            ``disable_dropout=True``), after the reference strategy is attached, so LoRA dropout is off
+            too. ``False`` keeps the network's dropout in training.
     """
 
-    def __init__(self, policy: PreferencePolicy, loss: Mapping[str, Any] | None = None,
+    def __init__(self, policy: PreferencePolicy, loss: LossConfig | Mapping[str, Any] | None = None,
                  reference: str | Mapping[str, Any] | ReferenceStrategy = "copy",
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-                 scheduler: Callable[..., Any] | None = None, seed: int = 0, nonfinite: str = "raise"):
+                 scheduler: Callable[..., Any] | None = None, seed: int = 0, nonfinite: str = "raise",
+                 disable_dropout: bool = True, ties: str | None = None):
         super().__init__()
-        loss = dict(loss or {"loss_type": "sigmoid", "beta": 0.1})
-        self.ties = loss.pop("ties", "drop")
+        if isinstance(loss, LossConfig):
+            self.loss_kwargs, loss_ties = {"loss_type": loss.loss_type, "beta": loss.beta, **loss.options}, "drop"
+        else:
+            self.loss_kwargs, loss_ties = _loss_options(loss)
+        self.ties = ties if ties is not None else loss_ties
         check_choice("loss.ties", self.ties, TIE_MODES)
         check_choice("nonfinite", nonfinite, NONFINITE_MODES)
-        if "loss_type" not in loss or "beta" not in loss:
-            raise PrefoptError(f"loss needs 'loss_type' and 'beta'; got keys {sorted(loss)}")
-        self.loss_kwargs = loss
         self.policy = policy
         self.reference = make_reference(reference)
-        check_loss_reference(loss["loss_type"], self.reference.name)
-        if self.reference.name == "sync" and getattr(policy.network, "peft_config", None):
-            raise PrefoptError(
-                f"reference=sync cannot be used with a peft (LoRA) network: {type(policy).__name__}.network is "
-                f"a {type(policy.network).__name__} with adapters, whose reference is its base with the adapters "
-                "disabled; use reference=adapter, or give sync a plain (un-wrapped) network")
+        self.loss_config = loss if isinstance(loss, LossConfig) else self.configure_loss(self.loss_kwargs)
+        check_loss_reference(self.loss_config or self.loss_kwargs["loss_type"], self.reference)
         self.reference.attach(policy)
+        if not isinstance(disable_dropout, bool):
+            raise PrefoptError(f"disable_dropout={disable_dropout!r} is not supported; allowed: true, false")
+        if disable_dropout:
+            disable_dropout_layers(self.policy)
+            disable_dropout_layers(self.reference)
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
         self.scheduler_factory = scheduler
         self.seed, self.nonfinite = int(seed), nonfinite
         self._last_reference_step = -1  # global_step of the last reference.after_step call
+
+    def configure_loss(self, options: Mapping[str, Any]) -> LossConfig | None:
+        """The pair loss's :class:`~prefopt.losses.LossConfig`, made (and checked) once. A subclass that trains
+        another loss family (:mod:`prefopt.feedback`) returns ``None`` and checks its own options."""
+        try:
+            return LossConfig.from_mapping(options)
+        except PrefoptError as err:
+            raise PrefoptError(f"loss: {err}") from None
 
     # ----------------------------------------------------------------------------------------- steps
     def _generator(self, stage: str, index: int) -> torch.Generator:
@@ -93,20 +142,12 @@ class PreferenceModule(L.LightningModule):
         return logps, ref, lengths
 
     def _shared_step(self, batch, stage: str, index: int):
-        try:
-            logps, ref, lengths = self.pair_logps(batch, self._generator(stage, index))
-        except ValueError as err:  # torch.distributions refuses NaN arguments before any logp exists
-            if "invalid values" not in str(err):
-                raise
-            self._check_finite(stage, index, batch, logps=torch.tensor(float("nan")))
-            return None
+        logps, ref, lengths = self.pair_logps(batch, self._generator(stage, index))
         policy_chosen, policy_rejected = split_pairs(logps)
         ref_chosen, ref_rejected = split_pairs(ref) if ref is not None else (None, None)
         chosen_len, rejected_len = split_pairs(lengths) if lengths is not None else (None, None)
-        args = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-        kwargs = dict(self.loss_kwargs, chosen_lengths=chosen_len, rejected_lengths=rejected_len)
-        loss_type = kwargs.pop("loss_type")
-        out = preference_loss(loss_type, *args, **kwargs)
+        out = compute_loss(self.loss_config, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                           chosen_len, rejected_len)
         losses = out.losses
         tie = batch.get("tie")
         weights = torch.ones_like(losses)
@@ -115,9 +156,8 @@ class PreferenceModule(L.LightningModule):
             if self.ties == "drop":
                 weights = (~tie).to(losses.dtype)
             else:  # half: a tie is half a preference each way
-                swapped = preference_loss(loss_type, policy_rejected, policy_chosen,
-                                          ref_rejected, ref_chosen, **{**kwargs, "chosen_lengths": rejected_len,
-                                                                       "rejected_lengths": chosen_len}).losses
+                swapped = compute_loss(self.loss_config, policy_rejected, policy_chosen, ref_rejected, ref_chosen,
+                                       rejected_len, chosen_len).losses
                 losses = torch.where(tie, 0.5 * (losses + swapped), losses)
         loss = (losses * weights).sum() / weights.sum().clamp_min(1.0)
         if not self._check_finite(stage, index, batch, logps=logps, reference_logps=ref, loss=loss):
@@ -188,7 +228,7 @@ class PreferenceModule(L.LightningModule):
     # ------------------------------------------------------------------------------------- hooks
     def on_train_start(self):
         self._last_reference_step = self.global_step  # a resumed run already synced at its restored step
-        if self.reference.name == "precomputed":
+        if self.reference.needs_prepare:
             loader = self.trainer.train_dataloader
             device_batches = (self._to_device(b) for b in loader)
             self.reference.prepare(self.policy, device_batches)

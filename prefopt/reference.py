@@ -40,14 +40,23 @@ def eval_mode(module: nn.Module):
 
 
 class ReferenceStrategy(nn.Module):
-    """Base class. ``logps`` returns reference log-likelihoods ``[2B]`` (or ``None``) for ``samples``."""
+    """Base class. ``logps`` returns reference log-likelihoods ``[2B]`` (or ``None``) for ``samples``.
+
+    A strategy says what it needs and provides through class flags; code outside this module asks the
+    flags, never the strategy's ``name`` (which is for messages and summaries only).
+    """
 
     name = "base"
-    #: a stochastic policy must give every example a fixed seed for this strategy to be valid
+    #: a stochastic policy must give every example a fixed draw (a per-example ``seed`` in the pairs)
     needs_fixed_draw = False
+    #: :meth:`prepare` must be called with the training batches before the first step
+    needs_prepare = False
+    #: :meth:`logps` returns reference log-likelihoods (``False``: only reference-free losses can be used)
+    provides_reference = True
 
     def attach(self, policy: PreferencePolicy) -> None:
-        """Called once when the training module is built, before the optimizer sees the policy."""
+        """Called once when the training module is built, before the optimizer sees the policy. A strategy
+        that cannot work with ``policy`` raises a :class:`~prefopt.errors.PrefoptError` here."""
 
     def prepare(self, policy: PreferencePolicy, batches: Iterable[Mapping[str, Any]]) -> None:
         """Called at the start of training with the training batches (already on the device)."""
@@ -95,6 +104,14 @@ class SyncReference(CopyReference):
         if not 0.0 < float(alpha) <= 1.0:
             raise PrefoptError(f"reference.alpha={alpha!r} must be in (0, 1]")
         self.sync_every, self.alpha = int(sync_every), float(alpha)
+
+    def attach(self, policy):
+        if getattr(policy.network, "peft_config", None):
+            raise PrefoptError(
+                f"reference=sync cannot be used with a peft (LoRA) network: {type(policy).__name__}.network is "
+                f"a {type(policy.network).__name__} with adapters, whose reference is its base with the adapters "
+                "disabled; use reference=adapter, or give sync a plain (un-wrapped) network")
+        super().attach(policy)
 
     @torch.no_grad()
     def after_step(self, policy, step):
@@ -162,6 +179,7 @@ class PrecomputedReference(ReferenceStrategy):
 
     name = "precomputed"
     needs_fixed_draw = True
+    needs_prepare = True
 
     def __init__(self):
         super().__init__()
@@ -248,6 +266,7 @@ class NoReference(ReferenceStrategy):
     """No reference model: only reference-free losses (simpo, cpl, sft) may be used."""
 
     name = "none"
+    provides_reference = False
 
     def logps(self, policy, samples, draw):
         return None

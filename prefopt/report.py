@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
 import yaml
 
+from prefopt.atomic import atomic_write as _atomic_write
 from prefopt.errors import PrefoptError
-from prefopt.tasks.bandit import mean_and_se
+from prefopt.metrics import mean_and_se
 
 #: overrides that never tell configurations apart
 IGNORED_PREFIXES = ("paths.", "hydra.", "hydra/")
@@ -207,7 +207,7 @@ class Group:
         values = self.values(metric)
         if not values:
             return None
-        mean, se = mean_and_se(torch.tensor(values, dtype=torch.float64))
+        mean, se = mean_and_se(values)
         return mean, se, len(values)
 
     @property
@@ -264,15 +264,6 @@ def build_sweep(sweep_dir: str | os.PathLike) -> Sweep:
 
 
 # -------------------------------------------------------------------------------------------- writing
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    os.replace(tmp, path)
-
-
 def _fmt(stat: tuple[float, float, int] | None) -> str:
     if stat is None:
         return "n/a"

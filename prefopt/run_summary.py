@@ -75,10 +75,10 @@ def write_run_summary(summary: dict, run_dir: Path) -> str:
     """Print the run's summary and write it to ``run_dir/summary.txt`` (rank 0 only under DDP)."""
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    from prefopt.train import atomic_write_text
+    from prefopt.atomic import atomic_write
 
     text = format_run_summary(summary, Path(run_dir))
     if rank_zero_only.rank == 0:
-        atomic_write_text(Path(run_dir) / "summary.txt", text + "\n")
+        atomic_write(Path(run_dir) / "summary.txt", text + "\n")
         print(text, flush=True)
     return text

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
-import os
 import time
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
+from prefopt.atomic import atomic_write
 from prefopt.cache import cached_tensors
 from prefopt.checkpoint_io import KeepLogsWithCheckpoints, RecordRunSignature, check_checkpoint_file, check_resume, \
     run_signature
@@ -25,19 +27,12 @@ from prefopt.distributed import is_fsdp, unwrapped_policy
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.feedback.train import (check_loss as check_feedback_loss, feedback_config, module_class, round_dataloader,
                                    round_feedback)
-from prefopt.losses import REFERENCE_FREE, preference_loss
-from prefopt.module import NONFINITE_MODES, TIE_MODES, PreferenceModule, check_loss_reference
-from prefopt.reference import make_reference
+from prefopt.losses import LOSS_ALIASES
+from prefopt.module import NONFINITE_MODES, PreferenceModule, check_loss_reference, loss_config
+from prefopt.reference import ReferenceStrategy, make_reference
 from prefopt.runlock import check_not_finished, hold_run_folder
 from prefopt.tasks.base import Task
 from prefopt.validation import summary_json, validate_options
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _container(node) -> Any:
@@ -66,13 +61,51 @@ def _resolve_ckpt(ckpt_path, checkpoint_dir: Path) -> str | None:
     return str(path)
 
 
+_HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
+
+
+def _check_options(node, key: str, passed: Mapping[str, Any] = MappingProxyType({})) -> None:
+    """Every option of a ``_target_`` node (and of its nested ones) must be a parameter of the target, and
+    every parameter without a default must be given (unless the node is a ``_partial_``)."""
+    if OmegaConf.is_list(node):
+        for i, item in enumerate(node):
+            _check_options(item, f"{key}[{i}]")
+        return
+    if not OmegaConf.is_dict(node):
+        return
+    for name, value in node.items_ex(resolve=False):
+        if OmegaConf.is_config(value):
+            _check_options(value, f"{key}.{name}")
+    if "_target_" not in node:
+        return
+    target = node._target_
+    try:
+        signature = inspect.signature(get_object(target))
+    except (ValueError, TypeError, ImportError, AttributeError):  # no signature to check against, or Hydra's error
+        return
+    params = signature.parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    given = {str(name) for name in node if str(name) not in _HYDRA_KEYS} | set(passed)
+    accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(given - set(accepted))
+    if unknown:
+        raise PrefoptError(f"{key} ({target}): unknown option(s) {', '.join(map(repr, unknown))}; allowed: "
+                           f"{', '.join(accepted)}")
+    if not node.get("_partial_", False):
+        missing = [n for n in accepted if params[n].default is inspect.Parameter.empty and n not in given]
+        if missing:
+            raise PrefoptError(f"{key} ({target}): missing option(s) {', '.join(map(repr, missing))}")
+
+
 def _instantiate(node, key: str, **kwargs):
     """``hydra.utils.instantiate`` whose config errors come out as one PrefoptError naming ``key``.
 
-    Hydra wraps whatever the target raises; a PrefoptError, a bad or missing keyword argument and
-    Lightning's MisconfigurationException are bad configuration, so they are unwrapped. Anything else
-    is left as it is (a bug should keep its traceback).
+    The options are checked against the target's signature first (:func:`_check_options`). Hydra wraps
+    whatever the target raises; a PrefoptError and Lightning's MisconfigurationException are bad
+    configuration, so they are unwrapped. Anything else is left as it is (a bug keeps its traceback).
     """
+    _check_options(node, key, kwargs)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -82,23 +115,18 @@ def _instantiate(node, key: str, **kwargs):
         target = node.get("_target_", "?") if OmegaConf.is_config(node) else "?"
         if isinstance(cause, PrefoptError):
             raise PrefoptError(f"{key}: {cause}") from None
-        if isinstance(cause, TypeError) and "argument" in str(cause):
-            raise PrefoptError(f"{key} ({target}): {cause}; check the options under {key}") from None
         if isinstance(cause, MisconfigurationException):
             raise PrefoptError(f"{key} ({target}): {cause}") from None
         raise
 
 
-def _loss_names(loss_type) -> list:
-    return [loss_type] if isinstance(loss_type, str) else list(loss_type or [])
-
-
-def validate_config(cfg: DictConfig) -> None:
+def validate_config(cfg: DictConfig) -> ReferenceStrategy:
     """Check the run's options before any expensive work (building models, generating pairs).
 
-    The loss options go through :func:`prefopt.losses.preference_loss` once on a dummy batch; the
-    reference strategy is built (its options checked) and matched against the loss; the optimizer and
-    scheduler are built on a dummy parameter. Every failure is a PrefoptError naming the option.
+    The loss options are checked by making the run's :class:`~prefopt.losses.LossConfig`; the reference
+    strategy is built (its options checked) and matched against the loss; the optimizer and scheduler are
+    built on a dummy parameter. Every failure is a PrefoptError naming the option. Returns the reference
+    strategy (unattached), whose capability flags the task is told about.
     """
     validate_options(cfg)  # types, ranges and paths of the generic options (prefopt.validation)
     try:
@@ -107,22 +135,12 @@ def validate_config(cfg: DictConfig) -> None:
         raise PrefoptError(f"seed={cfg.seed!r} is not supported; allowed: an integer") from None
     del seed
     check_choice("nonfinite", cfg.get("nonfinite", "raise"), NONFINITE_MODES)
-    loss = dict(_container(cfg.loss))
-    check_choice("loss.ties", loss.pop("ties", "drop"), TIE_MODES)
-    if "loss_type" not in loss or "beta" not in loss:
-        raise PrefoptError(f"loss needs 'loss_type' and 'beta'; got keys {sorted(loss)}")
-    loss_type, beta = loss.pop("loss_type"), loss.pop("beta")
-    names = _loss_names(loss_type)
-    reference_free = all(isinstance(n, str) and n in REFERENCE_FREE for n in names)
-    dummy = torch.zeros(2)
-    try:
-        if not check_feedback_loss(cfg, {"loss_type": loss_type, "beta": beta, **loss}):  # True: checked there
-            preference_loss(loss_type, dummy, dummy, None if reference_free else dummy, None if reference_free else dummy,
-                            beta=beta, chosen_lengths=torch.ones(2), rejected_lengths=torch.ones(2), **loss)
-    except PrefoptError as err:
-        raise PrefoptError(f"loss: {err}") from None
+    if not isinstance(cfg.get("disable_dropout", True), bool):
+        raise PrefoptError(f"disable_dropout={cfg.disable_dropout!r} is not supported; allowed: true, false")
+    loss = _container(cfg.loss)
     reference = make_reference(_container(cfg.reference))
-    check_loss_reference(loss_type, reference.name)
+    if not check_feedback_loss(cfg, loss):  # True: a binary or ranking layout, whose losses are checked there
+        check_loss_reference(loss_config(loss)[0], reference)
     probe = [torch.nn.Parameter(torch.zeros(1))]
     for key in ("optimizer", "scheduler"):
         if not cfg.get(key):
@@ -135,6 +153,15 @@ def validate_config(cfg: DictConfig) -> None:
                 from None
         if key == "optimizer":
             probe = made
+    return reference
+
+
+def _summary_loss(loss_type):
+    """The loss type(s) as the summary records them, aliases resolved (``dpo`` is written ``sigmoid``)."""
+    loss_type = _container(loss_type)
+    if isinstance(loss_type, str):
+        return LOSS_ALIASES.get(loss_type, loss_type)
+    return [LOSS_ALIASES.get(name, name) for name in loss_type]
 
 
 def export_policy(policy, path: Path) -> str:
@@ -152,12 +179,7 @@ def export_policy(policy, path: Path) -> str:
     # copies: safetensors refuses tensors that share storage (tied weights)
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in network.state_dict().items()}
     data = save(tensors, metadata={"format": kind})  # one key: safetensors orders several keys at random
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, data)
     return kind
 
 
@@ -166,7 +188,8 @@ def build_module(cfg: DictConfig, policy, round_index: int = 0) -> PreferenceMod
     scheduler = _instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
     return module_class(cfg)(policy, loss=_container(cfg.loss), reference=_container(cfg.reference),
                             optimizer=_instantiate(cfg.optimizer, "optimizer"), scheduler=scheduler,
-                            seed=int(cfg.seed) + round_index, nonfinite=cfg.get("nonfinite", "raise"))
+                            seed=int(cfg.seed) + round_index, nonfinite=cfg.get("nonfinite", "raise"),
+                            disable_dropout=cfg.get("disable_dropout", True))
 
 
 def build_trainer(cfg: DictConfig, output_dir: Path, round_index: int, resuming: bool = False) -> L.Trainer:
@@ -179,7 +202,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, round_index: int, resuming:
     return _instantiate(cfg.trainer, "trainer", default_root_dir=str(output_dir), logger=logger, callbacks=callbacks)
 
 
-def round_pairs(cfg: DictConfig, task: Task, policy, round_index: int):
+def round_pairs(cfg: DictConfig, task: Task, policy, round_index: int, reference: ReferenceStrategy | None = None):
     """The round's pairs. The first round's come from the base policy alone, so they are cached, keyed by
     the task's config: every run of a sweep that varies only the loss, beta or reference reuses them."""
     if round_index > 0 or not cfg.get("cache_pairs", True):
@@ -192,6 +215,8 @@ def round_pairs(cfg: DictConfig, task: Task, policy, round_index: int):
         return pairs.to_tensors() if isinstance(pairs, TensorPairs) else {}
 
     key = {"task": _container(cfg.domain.task), "round": round_index}
+    if reference is not None and reference.needs_fixed_draw:  # such pairs may carry per-example seeds
+        key["reference_needs_fixed_draw"] = True
     flat = cached_tensors(cfg.paths.cache_dir, f"pairs-{cfg.domain.name}", key, build)
     if built and not isinstance(built[0], TensorPairs):
         return built[0]  # a dataset type the cache cannot hold: used as built
@@ -211,12 +236,13 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    validate_config(cfg)
+    strategy = validate_config(cfg)
     ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"), output_dir / "checkpoints")
     if ckpt_path:  # the loss, reference, domain of the checkpoint's run, before anything is built
         check_resume(ckpt_path, run_signature(cfg))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     task: Task = _instantiate(cfg.domain.task, "domain.task")
+    task.use_reference(strategy)
     policy = task.build_policy()
     signature = run_signature(cfg, policy.network)  # saved in every checkpoint; a resume must match it
     if ckpt_path:
@@ -229,8 +255,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     train_metrics: dict[str, float] = {}
     for round_index in range(task.rounds):
         pairs_only = feedback_config(cfg).kind == "pairs"
-        pairs = round_pairs(cfg, task, policy, round_index) if pairs_only else round_feedback(cfg, task, policy,
-                                                                                              round_index)
+        pairs = round_pairs(cfg, task, policy, round_index, strategy) if pairs_only else round_feedback(
+            cfg, task, policy, round_index)
         val = task.val_pairs() if pairs_only else None
         module = build_module(cfg, policy, round_index)
         trainer = build_trainer(cfg, output_dir, round_index, resuming=bool(ckpt_path))
@@ -247,7 +273,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
     summary = {
         "domain": cfg.domain.name,
-        "loss": _container(cfg.loss.loss_type),
+        "loss": _summary_loss(cfg.loss.loss_type),
         "feedback": feedback_config(cfg).kind,
         "beta": float(cfg.loss.beta),
         "reference": cfg.reference.name,
@@ -257,9 +283,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "rounds": rounds,
     }
     if rank_zero_only.rank == 0:  # under DDP every rank has the same result; one writes it
-        atomic_write_text(output_dir / "summary.json", summary_json(summary))  # strict: NaN -> null
+        atomic_write(output_dir / "summary.json", summary_json(summary))  # strict JSON: NaN -> null
         export_policy(policy, output_dir / "policy.safetensors")
         # Kept out of summary.json so that one config and seed always give the same summary.
         timing = {"wall_time_s": round(time.perf_counter() - started, 2)}
-        atomic_write_text(output_dir / "timing.json", json.dumps(timing))
+        atomic_write(output_dir / "timing.json", json.dumps(timing))
     return summary

@@ -175,7 +175,7 @@ def test_tiny_stable_diffusion_trains_on_pickapic_parquet(tmp_path, make_config)
     ev = summary["eval"]
     assert summary["reference"] == "adapter" and summary["domain"] == "diffusion_pickapic"
     assert ev["num_pairs"] == 6 and ev["num_eval_pairs"] == 2
-    assert 0.0 <= ev["win_rate"] <= 1.0 and 0.0 <= ev["policy"]["preference_accuracy"] <= 1.0
+    assert 0.0 <= ev["implicit_reward_accuracy"] <= 1.0 and 0.0 <= ev["policy"]["preference_accuracy"] <= 1.0
     assert 0.0 <= ev["sample_win_rate"] <= 1.0 and len(ev["prompts"]) == 2
     assert (run / ev["grid"]).is_file() and (run / ev["grid"]).read_bytes()[:4] == b"\x89PNG"
     assert summary["train"]["train/loss"] > 0

@@ -26,7 +26,7 @@ TINY = ["domain.task.base.steps=30", "domain.task.base.batch_size=32", "domain.t
 
 def test_digits_runs_through_hydra_and_reuses_its_cache(make_config, tmp_path):
     cfg = make_config("domain=diffusion", *TINY)
-    assert cfg.loss.beta == 2500 and cfg.domain.task.reference == "copy"
+    assert cfg.loss.beta == 2500 and "reference" not in cfg.domain.task  # tasks ask flags, not names
     before = dict(BUILD_COUNTS)
     summary = train(cfg)
     built = {k: BUILD_COUNTS[k] - before.get(k, 0) for k in BUILD_COUNTS}
@@ -81,9 +81,13 @@ def test_digits_lora_reference(make_config):
 
 
 def test_precomputed_draw_needs_per_example_seeds(tmp_path):
-    task = DigitsDiffusionTask(reference="precomputed", cache_dir=str(tmp_path))
+    from prefopt.reference import make_reference
+
+    task = DigitsDiffusionTask(cache_dir=str(tmp_path))
+    task.use_reference(make_reference("precomputed"))  # its needs_fixed_draw flag, not its name
     assert task.fixed_draw
-    assert not DigitsDiffusionTask(reference="copy", cache_dir=str(tmp_path)).fixed_draw
+    task.use_reference(make_reference("copy"))
+    assert not task.fixed_draw
     assert DigitsDiffusionTask(draw="example", cache_dir=str(tmp_path)).fixed_draw
 
 

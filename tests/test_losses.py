@@ -12,13 +12,15 @@ function under test.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from prefopt.errors import PrefoptError
-from prefopt.losses import LOSS_TYPES, REFERENCE_FREE, PreferenceLossOutput, preference_loss
+from prefopt.losses import (LOSS_TYPES, REFERENCE_FREE, LossConfig, PreferenceLossOutput, compute_loss,
+                            normalize_loss_type, preference_loss)
 
 PC = [0.0, -1.0, -2.0]
 PR = [-1.0, -2.0, -1.0]
@@ -74,6 +76,31 @@ def test_package_exports():
 
     assert prefopt.preference_loss is preference_loss
     assert prefopt.LOSS_TYPES == LOSS_TYPES
+
+
+def test_dpo_is_an_alias_of_sigmoid():
+    assert normalize_loss_type("dpo") == ("sigmoid",)
+    assert normalize_loss_type(["dpo", "sft"]) == ("sigmoid", "sft")
+    close(run("dpo").losses, [-ls(BETA * d) for d in D])
+    with pytest.raises(PrefoptError, match=r"loss_type='dop'.*dpo, an alias of sigmoid"):
+        normalize_loss_type("dop")
+
+
+def test_loss_config_is_checked_once_at_construction_and_frozen():
+    config = LossConfig(loss_type="dpo", beta=0.5)
+    assert config.loss_type == ("sigmoid",) and config.loss_weights == (1.0,) and config.needs_reference
+    assert not LossConfig(loss_type=["simpo", "cpl"]).needs_reference
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.beta = 1.0
+    with pytest.raises(PrefoptError, match="label_smoothing"):
+        LossConfig(loss_type="hinge", label_smoothing=0.1)
+    with pytest.raises(PrefoptError, match="unknown loss option.*'betta'"):
+        LossConfig.from_mapping({"loss_type": "ipo", "betta": 0.1})
+    # the step's entry point reads no option again: same numbers as the checked public function
+    out = compute_loss(config, t(PC), t(PR), t(RC), t(RR))
+    close(out.losses, [-ls(BETA * d) for d in D])
+    with pytest.raises(PrefoptError, match="chosen_lengths"):
+        compute_loss(LossConfig(loss_type="sigmoid_norm"), t(PC), t(PR), t(RC), t(RR))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,31 +317,39 @@ def sigmoid_on_scores(sc, sr, beta=BETA):
 
 
 def test_forward_kl():
-    sc = [-math.exp(-u) for u in UC]
-    sr = [-math.exp(-u) for u in UR]
+    sc = [1 - math.exp(-u) for u in UC]  # f'(t) = 1 - 1/t
+    sr = [1 - math.exp(-u) for u in UR]
     out = run("sigmoid", f_divergence_type="forward_kl")
     close(out.losses, sigmoid_on_scores(sc, sr))
     close(out.chosen_rewards, [BETA * u for u in UC])  # rewards are the plain log-ratios
 
 
 def test_js_divergence():
-    sc = [ls(u) for u in UC]
-    sr = [ls(u) for u in UR]
+    sc = [math.log(2) + ls(u) for u in UC]  # f'(t) = log(2t / (t + 1))
+    sr = [math.log(2) + ls(u) for u in UR]
     close(run("sigmoid", f_divergence_type="js_divergence").losses, sigmoid_on_scores(sc, sr))
 
 
 @pytest.mark.parametrize("alpha", [0.5, 2.0, 0.0])
 def test_alpha_divergence(alpha):
-    if alpha == 0.0:  # a = 0 is forward KL: exp(-u) / -1
-        score = lambda u: -math.exp(-u)  # noqa: E731
-    else:
-        score = lambda u: math.exp((alpha - 1) * u) / (alpha - 1)  # noqa: E731
+    if alpha == 0.0:  # a = 0 is forward KL: (exp(-u) - 1) / -1
+        score = lambda u: 1 - math.exp(-u)  # noqa: E731
+    else:  # f'(t) = (t^(a-1) - 1) / (a - 1)
+        score = lambda u: (math.exp((alpha - 1) * u) - 1) / (alpha - 1)  # noqa: E731
     out = run("sigmoid", f_divergence_type="alpha_divergence", alpha_divergence_coef=alpha)
     close(out.losses, sigmoid_on_scores([score(u) for u in UC], [score(u) for u in UR]))
 
 
 def test_alpha_divergence_at_one_is_reverse_kl():
-    close(run("sigmoid", f_divergence_type="alpha_divergence").losses, [-ls(BETA * d) for d in D])
+    close(run("sigmoid", f_divergence_type="alpha_divergence", alpha_divergence_coef=1.0).losses,
+          [-ls(BETA * d) for d in D])
+
+
+def test_alpha_divergence_default_coefficient_is_one_half():
+    # TRL's DPOConfig.f_alpha_divergence_coef = 0.5: s = (exp(-u/2) - 1) / (-1/2) = 2 (1 - exp(-u/2))
+    score = lambda u: 2 * (1 - math.exp(-u / 2))  # noqa: E731
+    close(run("sigmoid", f_divergence_type="alpha_divergence").losses,
+          sigmoid_on_scores([score(u) for u in UC], [score(u) for u in UR]))
 
 
 def test_alpha_divergence_exponent_is_capped():
@@ -326,15 +361,17 @@ def test_alpha_divergence_exponent_is_capped():
     assert torch.isfinite(out.losses).all()
 
 
-def test_f_divergence_applies_to_per_side_scores():
-    # sppo_hard on js scores: (ls(u_c) - 1)^2 + (ls(u_r) + 1)^2
-    expected = [(ls(uc) - 1) ** 2 + (ls(ur) + 1) ** 2 for uc, ur in zip(UC, UR)]
-    close(run("sppo_hard", f_divergence_type="js_divergence").losses, expected)
+@pytest.mark.parametrize("name", ["nca_pair", "bco_pair", "sppo_hard"])
+def test_f_divergence_is_refused_where_log_z_does_not_cancel(name):
+    # TRL 1.16 refuses these too: their per-side terms keep the f-DPO reparameterization's b log Z(x)
+    with pytest.raises(PrefoptError, match="f_divergence_type"):
+        run(name, f_divergence_type="js_divergence")
 
 
 def test_f_divergence_with_length_normalized_ipo():
-    sc = [-math.exp(-u) / n for u, n in zip(UC, LC)]
-    sr = [-math.exp(-u) / n for u, n in zip(UR, LR)]
+    # the constant 1 of forward KL's score does not cancel once each side is divided by its length
+    sc = [(1 - math.exp(-u)) / n for u, n in zip(UC, LC)]
+    sr = [(1 - math.exp(-u)) / n for u, n in zip(UR, LR)]
     out = run("ipo", f_divergence_type="forward_kl", chosen_lengths=t(LC), rejected_lengths=t(LR))
     close(out.losses, [(c - r - 1.0) ** 2 for c, r in zip(sc, sr)])
 
@@ -377,7 +414,7 @@ def test_single_element_list_matches_string():
 
 def test_default_valued_options_are_accepted_by_any_type():
     out = run("sigmoid", simpo_gamma=0.5, cpl_lambda=1.0, bco_delta=None, discopop_tau=0.05,
-              f_divergence_type="reverse_kl", alpha_divergence_coef=1.0, loss_weights=None)
+              f_divergence_type="reverse_kl", alpha_divergence_coef=0.5, loss_weights=None)
     close(out.losses, [-ls(BETA * d) for d in D])
 
 
@@ -436,7 +473,7 @@ def base(**overrides):
 LENGTHS = dict(chosen_lengths=t(LC), rejected_lengths=t(LR))
 
 BAD_INPUTS = [
-    ("unknown loss type", base(loss_type="dpo"), "loss_type"),
+    ("unknown loss type", base(loss_type="dop"), "loss_type"),
     ("unknown name in a list", base(loss_type=["sigmoid", "nope"]), "loss_type"),
     ("empty list", base(loss_type=[]), "loss_type"),
     ("not a name", base(loss_type=3), "loss_type"),
@@ -454,7 +491,7 @@ BAD_INPUTS = [
     ("bad f-divergence", base(f_divergence_type="kl"), "f_divergence_type"),
     ("f-divergence unused", base(loss_type="aot", f_divergence_type="forward_kl"), "f_divergence_type"),
     ("f-divergence with apo", base(loss_type="apo_zero", f_divergence_type="js_divergence"), "f_divergence_type"),
-    ("alpha coef without alpha", base(alpha_divergence_coef=0.5), "alpha_divergence_coef"),
+    ("alpha coef without alpha", base(alpha_divergence_coef=0.3), "alpha_divergence_coef"),
     ("alpha coef not a number", base(f_divergence_type="alpha_divergence", alpha_divergence_coef="a"),
      "alpha_divergence_coef"),
     ("cpl lambda zero", base(loss_type="cpl", cpl_lambda=0.0), "cpl_lambda"),

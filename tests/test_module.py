@@ -52,6 +52,28 @@ def test_copy_trains_every_policy_parameter_and_freezes_the_reference():
     assert not optimized & {id(p) for p in module.reference.parameters()}
 
 
+@pytest.mark.parametrize("reference", ["copy", "adapter"])
+def test_dropout_is_disabled_in_policy_and_reference_by_default(reference):
+    def dropout_module(**kwargs):
+        policy = make_policy()
+        policy.network.insert(1, torch.nn.Dropout(0.5))
+        ref = {"name": "adapter", "rank": 4, "dropout": 0.3, "targets": ["0", "3"]} if reference == "adapter" \
+            else reference
+        return PreferenceModule(policy, loss=SIGMOID, reference=ref, **kwargs).train()
+
+    batch = next(iter(loader(make_pairs(), batch_size=8)))
+    module = dropout_module()
+    assert all(m.p == 0.0 for m in module.modules() if isinstance(m, torch.nn.Dropout))  # LoRA dropout too
+    generator = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    first, ref, _ = module.pair_logps(batch, generator())
+    second, _, _ = module.pair_logps(batch, generator())
+    torch.testing.assert_close(first, second, rtol=0, atol=0)  # train mode, same draw: the same numbers
+    torch.testing.assert_close(first, ref)  # before training the log-ratios are exactly zero
+    # disable_dropout=False keeps it: the same call gives two different answers
+    noisy = dropout_module(disable_dropout=False)
+    assert not torch.equal(noisy.pair_logps(batch, generator())[0], noisy.pair_logps(batch, generator())[0])
+
+
 def test_adapter_moves_only_lora_weights_and_keeps_no_second_copy():
     policy = make_policy()
     base_before = {k: v.clone() for k, v in policy.network.state_dict().items()}

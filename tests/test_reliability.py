@@ -38,7 +38,7 @@ from conftest import compose_config
 from prefopt import cache as cache_module
 from prefopt.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
 from prefopt.data.pairs import TensorPairs
-from prefopt.data.segments import load_segment_pairs
+from prefopt.tasks.control.segments import load_segment_pairs
 from prefopt.data.teachers import ScriptedTeacher
 from prefopt.errors import PrefoptError
 from prefopt.module import NonFiniteError, PreferenceModule
@@ -358,7 +358,10 @@ def test_nan_in_a_batch_stops_the_run_naming_the_batch_after_saving_the_last_goo
     order = list(EpochShuffleSampler(size[0], seed=0))
     batch = order.index(37) // 16  # the first epoch's batch that holds pair 37
     message = str(info.value)
-    assert f"non-finite logps in train batch {batch} (epoch 0, step {batch}); the batch has NaN/inf in 'obs'" in message
+    # NaN observations give NaN policy and reference log-likelihoods (the distributions do not validate
+    # their arguments: that would sync every step), hence a NaN loss
+    assert (f"non-finite logps, reference_logps, loss in train batch {batch} (epoch 0, step {batch}); the batch "
+            "has NaN/inf in 'obs'") in message
     saved = load_checkpoint_file(tmp_path / "run" / "nonfinite-last-good.ckpt")
     assert saved["global_step"] == batch
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from prefopt.data.segments import SegmentPairs, collate, load_segment_pairs, pair_segments, save_segment_pairs
+from prefopt.tasks.control.segments import SegmentPairs, collate, load_segment_pairs, pair_segments, save_segment_pairs
 from prefopt.data.teachers import ScriptedTeacher
 from prefopt.errors import PrefoptError
 

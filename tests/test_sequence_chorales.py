@@ -182,7 +182,7 @@ def test_branched_pairs_share_a_start_and_differ_after_it(tmp_path, monkeypatch)
 
 
 def test_win_rate_counts_ties_as_one_half():
-    from prefopt.tasks.base import win_rate
+    from prefopt.metrics import win_rate
 
     result = win_rate(torch.tensor([1.0, 0.0, 0.5, 0.2]), torch.tensor([0.0, 0.0, 1.0, 0.2]))
     assert result == {"win_rate": pytest.approx((1 + 0.5 + 0 + 0.5) / 4), "win_rate_strict": 0.25,

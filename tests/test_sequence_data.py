@@ -128,7 +128,7 @@ def test_tiny_gpt2_from_a_local_folder_trains_on_a_jsonl_pairs_file(make_config,
     assert result["eval_pairs"] == 6 and result["num_pairs"] == 18
     # LoRA with a large learning rate on an easy preference: the policy ranks held-out pairs better
     assert result["policy"]["margin_mean"] > result["reference"]["margin_mean"]
-    assert result["win_rate"] > 0.5
+    assert result["implicit_reward_accuracy"] > 0.5
     assert "val/loss" in summary["train"] and "train/loss" in summary["train"]
     # the exported policy (LoRA merged) loads into the plain GPT-2 and differs from the base weights
     exported = load_file(str(Path(cfg.paths.output_dir) / "policy.safetensors"))

@@ -33,6 +33,11 @@ def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.Tanh) -> nn.Seque
     return nn.Sequential(*layers)
 
 
+# The distributions are built with validate_args=False: torch's argument validation reads tensor values (a
+# host-device sync on every call) and raises on a NaN parameter. Without it a NaN parameter gives a NaN
+# log-likelihood, which the training module's non-finite check reports, naming the batch.
+
+
 class SquashedNormal(TransformedDistribution):
     """A diagonal Gaussian pushed through tanh and an affine map onto ``[low, high]``.
 
@@ -43,8 +48,8 @@ class SquashedNormal(TransformedDistribution):
     def __init__(self, loc, scale, low, high, eps: float = 1e-6):
         self.low, self.high, self.eps = low, high, eps
         half = (high - low) / 2
-        super().__init__(Independent(Normal(loc, scale), 1),
-                         [TanhTransform(), AffineTransform(low + half, half, event_dim=1)])
+        super().__init__(Independent(Normal(loc, scale, validate_args=False), 1, validate_args=False),
+                         [TanhTransform(), AffineTransform(low + half, half, event_dim=1)], validate_args=False)
 
     def log_prob(self, value):
         margin = (self.high - self.low) / 2 * self.eps
@@ -86,7 +91,7 @@ class GaussianMLP(nn.Module):
         scale = self.log_std.clamp(-10.0, 2.0).exp().expand_as(loc)
         if self.squash:
             return SquashedNormal(loc, scale, self.low, self.high)
-        return Independent(Normal(loc, scale), 1)
+        return Independent(Normal(loc, scale, validate_args=False), 1, validate_args=False)
 
 
 class CategoricalMLP(nn.Module):
@@ -97,7 +102,7 @@ class CategoricalMLP(nn.Module):
         self.body = mlp([obs_dim, *hidden, n_actions])
 
     def forward(self, obs: torch.Tensor) -> Distribution:
-        return Categorical(logits=self.body(obs))
+        return Categorical(logits=self.body(obs), validate_args=False)
 
 
 def policy_network_for(observation_space, action_space, hidden: Sequence[int] = (64, 64),

@@ -1,17 +1,8 @@
-"""Preference data shared by all domains: scripted teachers and offline segment pairs."""
+"""Preference data shared by all domains: pair datasets, scripted teachers, dataset folders.
 
-from prefopt.data.segments import SegmentPairs, collate, load_segment_pairs, pair_segments, save_segment_pairs
+Offline segment pairs of the control domain live in :mod:`prefopt.tasks.control.segments`.
+"""
+
 from prefopt.data.teachers import TEACHER_KINDS, Labels, OrderedPairs, ScriptedTeacher, to_pairs
 
-__all__ = [
-    "TEACHER_KINDS",
-    "Labels",
-    "OrderedPairs",
-    "ScriptedTeacher",
-    "SegmentPairs",
-    "collate",
-    "load_segment_pairs",
-    "pair_segments",
-    "save_segment_pairs",
-    "to_pairs",
-]
+__all__ = ["TEACHER_KINDS", "Labels", "OrderedPairs", "ScriptedTeacher", "to_pairs"]

@@ -75,6 +75,9 @@ class _FeedbackModule(PreferenceModule):
     allowed_losses: tuple[str, ...] = ()
     own_options: tuple[str, ...] = ()
 
+    def configure_loss(self, options):
+        return None  # the feedback losses (prefopt.feedback.losses) check their own options
+
     def __init__(self, policy: PreferencePolicy, loss: Mapping[str, Any] | None = None, **kwargs):
         loss = dict(loss or {})
         names = [loss.get("loss_type")] if isinstance(loss.get("loss_type"), str) else list(loss.get("loss_type") or [])

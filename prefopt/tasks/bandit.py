@@ -17,13 +17,8 @@ from prefopt.adapters.control import ControlPolicy, GaussianMLP
 from prefopt.data.pairs import TensorPairs
 from prefopt.data.teachers import ScriptedTeacher, to_pairs
 from prefopt.feedback.data import Groups
+from prefopt.metrics import mean_and_se, win_rate
 from prefopt.tasks.base import Task
-
-
-def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
-    values = values.double()
-    se = values.std(unbiased=True) / values.numel() ** 0.5 if values.numel() > 1 else torch.tensor(0.0)
-    return float(values.mean()), float(se)
 
 
 class BanditTask(Task):
@@ -78,4 +73,4 @@ class BanditTask(Task):
         (ref_mean, ref_se), (pol_mean, pol_se) = mean_and_se(ref_reward), mean_and_se(pol_reward)
         return {"reference": {"reward_mean": ref_mean, "reward_se": ref_se},
                 "policy": {"reward_mean": pol_mean, "reward_se": pol_se},
-                "win_rate": float((pol_reward > ref_reward).double().mean())}
+                "win_rate": win_rate(pol_reward, ref_reward)["win_rate"]}

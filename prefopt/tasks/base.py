@@ -13,13 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from prefopt.data.pairs import collate_pairs
 from prefopt.policy import PreferencePolicy
-
-
-def win_rate(scores: torch.Tensor, baseline: torch.Tensor) -> dict[str, float]:
-    """How often ``scores[i]`` beats ``baseline[i]`` (the same prompt, seed or pair); a tie counts one half."""
-    wins, ties = (scores > baseline).double(), (scores == baseline).double()
-    return {"win_rate": float((wins + 0.5 * ties).mean()), "win_rate_strict": float(wins.mean()),
-            "tie_rate": float(ties.mean())}
+from prefopt.reference import ReferenceStrategy
 
 
 class EpochShuffleSampler(DistributedSampler):
@@ -84,6 +78,10 @@ class Task(ABC):
     def pairs(self, policy: PreferencePolicy, round_index: int) -> Dataset:
         """The preference pairs of a round, as a dataset of pair-batch rows (see :mod:`prefopt.policy`)."""
 
+    def use_reference(self, reference: ReferenceStrategy) -> None:
+        """Called once, before :meth:`build_policy`, with the run's reference strategy, so the task can
+        provide what the strategy needs (ask its flags, e.g. ``reference.needs_fixed_draw``; never its name)."""
+
     def val_pairs(self) -> Dataset | None:
         """Held-out pairs scored by the validation loop, or ``None``."""
         return None
@@ -91,7 +89,12 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, reference: PreferencePolicy, policy: PreferencePolicy, output_dir: Path,
                  round_index: int) -> dict[str, Any]:
-        """Held-out scores of the reference and the policy; must include ``win_rate``."""
+        """Held-out scores of the reference and the policy.
+
+        A task that generates (samples, rollouts) includes ``win_rate``: how often the policy's generation
+        beats the reference's on the same prompt, seed or episode (:func:`prefopt.metrics.win_rate`). A task
+        that only has labelled pairs reports ``implicit_reward_accuracy`` instead
+        (:func:`prefopt.metrics.implicit_reward_accuracy`)."""
 
     def dataloader(self, dataset: Dataset, train: bool = True) -> DataLoader:
         sampler = EpochShuffleSampler(len(dataset), self.seed) if train else None

@@ -45,8 +45,8 @@ from prefopt.data.pairs import TensorPairs
 from prefopt.feedback.data import Groups
 from prefopt.data.teachers import ScriptedTeacher, to_pairs
 from prefopt.errors import PrefoptError, check_choice
-from prefopt.tasks.bandit import mean_and_se
-from prefopt.tasks.base import Task, win_rate
+from prefopt.metrics import mean_and_se, win_rate
+from prefopt.tasks.base import Task
 from prefopt.tasks.diffusion.grid import panel_titles, save_side_by_side
 from prefopt.tasks.diffusion.rewards import HELD_OUT, PIXEL_REWARDS, REWARDS, Legibility
 
@@ -219,8 +219,7 @@ class DigitsDiffusionTask(Task):
         teacher: options of the :class:`~prefopt.data.teachers.ScriptedTeacher` (``kind``, ``eps``...).
         draw: ``step`` (a fresh timestep and noise for every training step), ``example`` (a per-example
             ``seed`` fixes each example's draw; needed by ``reference=precomputed``) or ``auto``
-            (``example`` exactly when ``reference`` is ``precomputed``).
-        reference: the run's reference strategy name (read by ``draw=auto``).
+            (``example`` exactly when the reference strategy ``needs_fixed_draw``, see :meth:`use_reference`).
         likelihood_scale: see :mod:`prefopt.adapters.diffusion` (1 = the diffusers script's beta).
         draws_per_pair: ``(t, noise)`` draws averaged per pair in the surrogate (the adapter's ``K``).
         torch_threads: ``torch.set_num_threads`` for the run (``None`` leaves torch's default). The models
@@ -236,7 +235,7 @@ class DigitsDiffusionTask(Task):
     def __init__(self, image_size: int = 8, base: Mapping[str, Any] | None = None, reward: str = "ink",
                  eval_reward: str | None = None, pairs_per_class: int = 100, sample_steps: int = 25,
                  eval_per_class: int = 50, grid_per_class: int = 8, batch_size: int = 64, rounds: int = 1,
-                 teacher: Mapping[str, Any] | None = None, draw: str = "auto", reference: str = "copy",
+                 teacher: Mapping[str, Any] | None = None, draw: str = "auto",
                  likelihood_scale: float = 1.0, draws_per_pair: int = 1, seed: int = 0,
                  cache_dir: str | None = None, torch_threads: int | None = None):
         check_choice("domain.task.reward", reward, REWARDS)
@@ -262,7 +261,7 @@ class DigitsDiffusionTask(Task):
         self.eval_per_class, self.grid_per_class = int(eval_per_class), int(grid_per_class)
         self.batch_size, self.rounds, self.seed = int(batch_size), int(rounds), int(seed)
         self.teacher = ScriptedTeacher(**dict(teacher or {}), seed=self.seed)
-        self.fixed_draw = draw == "example" or (draw == "auto" and reference == "precomputed")
+        self.draw, self.fixed_draw = draw, draw == "example"
         self.likelihood_scale, self.draws_per_pair = float(likelihood_scale), int(draws_per_pair)
         self.cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "prefopt"
         self._data: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -361,6 +360,9 @@ class DigitsDiffusionTask(Task):
         config = {"base": self.base_key(), "pairs_per_class": self.pairs_per_class, "steps": self.sample_steps,
                   "sampler": policy.sampler, "seed": self.seed, "version": 1}
         return cached_tensors(self.cache_dir, "diffusion_digits_candidates", config, build)
+
+    def use_reference(self, reference) -> None:
+        self.fixed_draw = self.draw == "example" or (self.draw == "auto" and reference.needs_fixed_draw)
 
     def pairs(self, policy: DiffusionPolicy, round_index: int) -> TensorPairs:
         cand = self.candidates(policy, round_index)

@@ -8,6 +8,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from prefopt.atomic import atomic_path
+
 
 def _panel(images: torch.Tensor, labels: torch.Tensor, per_class: int, upscale: int) -> torch.Tensor:
     from torchvision.utils import make_grid
@@ -48,9 +50,8 @@ def save_side_by_side(reference: torch.Tensor, policy: torch.Tensor, labels: tor
     out = Image.new("RGB", (panels[0].width + gap + panels[1].width, height), (255, 255, 255))
     out.paste(panels[0], (0, 0))
     out.paste(panels[1], (panels[0].width + gap, 0))
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    out.save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        out.save(tmp, format="PNG")
 
 
 def panel_titles(reward: str, reference: float, policy: float, win_rate: float | None = None) -> tuple[str, str]:

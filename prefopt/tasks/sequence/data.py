@@ -33,9 +33,10 @@ from prefopt.adapters.sequence import SequencePolicy, base_network, load_causal_
 from prefopt.data.pairs import TensorPairs
 from prefopt.data.folders import load_dataset_folder
 from prefopt.errors import PrefoptError
+from prefopt.metrics import implicit_reward_accuracy
 from prefopt.policy import split_pairs
 from prefopt.reference import eval_mode
-from prefopt.tasks.base import Task, win_rate
+from prefopt.tasks.base import Task
 from prefopt.tasks.sequence.task import sequence_dataloader
 
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -250,8 +251,9 @@ class SequencePairsTask(Task):
 
         Per model: ``accuracy`` (the chosen completion is more likely than the rejected one),
         ``margin_mean`` (mean ``log p(chosen) - log p(rejected)``) and ``chosen_nll_per_token``.
-        ``win_rate``: the fraction of pairs that the DPO implicit reward of the policy ranks right,
-        ``(lp_c - ref_c) - (lp_r - ref_r) > 0`` (an exact tie counts one half); ``tie`` pairs are left out.
+        ``implicit_reward_accuracy``: the fraction of pairs that the DPO implicit reward of the policy ranks
+        right, ``(lp_c - ref_c) - (lp_r - ref_r) > 0`` (an exact tie counts one half); ``tie`` pairs are left
+        out. (There is no head-to-head ``win_rate`` here: the task generates nothing.)
         """
         self._load()
         rows = [r for r in (self._val or self._train) if not r["tie"]]
@@ -274,9 +276,8 @@ class SequencePairsTask(Task):
                          "chosen_nll_per_token": float(-c.sum() / length.sum())}
             scores[name] = (c, r)
         (pc, pr), (rc, rr) = scores["policy"], scores["reference"]
-        implicit = (pc - rc) - (pr - rr)
         return {"reference": out["reference"], "policy": out["policy"],
-                "win_rate": win_rate(implicit, torch.zeros_like(implicit))["win_rate"],
+                "implicit_reward_accuracy": implicit_reward_accuracy(pc, pr, rc, rr),
                 "eval_pairs": len(rows)}
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
+from prefopt.atomic import atomic_path
 from prefopt.tasks.sequence.chorales import Note
 
 
@@ -44,10 +44,9 @@ def piano_roll(rows: Sequence[Sequence[tuple[str, Sequence[Note], int, float]]],
     fig.suptitle("chorale continuations (grey: prompt; blue: reference; orange: policy)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 __all__ = ["piano_roll"]

@@ -51,9 +51,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from prefopt.atomic import atomic_path
 from prefopt.data.folders import load_dataset_folder
-from prefopt.errors import PrefoptError
 from prefopt.data.teachers import ScriptedTeacher, to_pairs
+from prefopt.errors import PrefoptError
 
 PAIRED_KEYS = ("chosen_obs", "chosen_actions", "rejected_obs", "rejected_actions")
 PAIRED_OPTIONAL = ("chosen_mask", "rejected_mask", "tie")
@@ -62,11 +63,12 @@ AB_OPTIONAL = ("mask_a", "mask_b")
 SEGMENT_KEYS = ("obs", "actions", "rewards")
 SEGMENT_OPTIONAL = ("mask",)
 LABEL_VALUES = (0.0, 1.0, 0.5)
+UNLABELLED = "segments with rewards"  # the layout that needs a teacher
 
 _LAYOUTS = {
     "chosen/rejected": (PAIRED_KEYS, PAIRED_OPTIONAL),
     "a/b with label": (AB_KEYS, AB_OPTIONAL),
-    "segments with rewards": (SEGMENT_KEYS, SEGMENT_OPTIONAL),
+    UNLABELLED: (SEGMENT_KEYS, SEGMENT_OPTIONAL),
 }
 
 
@@ -483,6 +485,13 @@ def load_segment_pairs(
     and ``seed``) is required for, and only allowed with, the segments-with-rewards
     layout. ``split`` picks a split of a saved ``DatasetDict`` (optional when it has one).
     """
+    cols, layout, where = read_segment_columns(path, split)
+    return segment_pairs_from_columns(cols, layout, where, teacher, num_pairs=num_pairs, seed=seed)
+
+
+def read_segment_columns(path: str | os.PathLike, split: str | None = None) -> tuple[dict[str, Any], str, str]:
+    """The columns of a ``.npz`` file or datasets folder, checked, with their layout (its name in the module
+    docstring; :data:`UNLABELLED` needs a teacher) and the path as messages name it."""
     p = Path(path)
     where = str(p)
     if not p.exists():
@@ -507,8 +516,13 @@ def load_segment_pairs(
         raise PrefoptError(f"{where}: keys have different numbers of rows: {lengths}; they must all match")
     if 0 in lengths.values():
         raise PrefoptError(f"{where}: is empty (0 rows)")
+    return cols, layout, where
 
-    if layout == "segments with rewards":
+
+def segment_pairs_from_columns(cols: dict[str, Any], layout: str, where: str, teacher: ScriptedTeacher | None = None,
+                               *, num_pairs: int | None = None, seed: int = 0) -> SegmentPairs:
+    """:class:`SegmentPairs` from the columns :func:`read_segment_columns` read (see :func:`load_segment_pairs`)."""
+    if layout == UNLABELLED:
         if teacher is None:
             raise PrefoptError(
                 f"{where}: holds unlabelled segments (obs, actions, rewards); pass teacher=ScriptedTeacher(...) to label them"
@@ -544,7 +558,8 @@ def save_segment_pairs(pairs: SegmentPairs, path: str | os.PathLike) -> Path:
     p = Path(path)
     cols = pairs.arrays()
     if p.suffix == ".npz":
-        np.savez(p, **cols)
+        with atomic_path(p) as tmp:
+            np.savez(tmp, **cols)
     else:
         import datasets
 
@@ -557,9 +572,12 @@ __all__ = [
     "LABEL_VALUES",
     "PAIRED_KEYS",
     "SEGMENT_KEYS",
+    "UNLABELLED",
     "SegmentPairs",
     "collate",
     "load_segment_pairs",
     "pair_segments",
+    "read_segment_columns",
     "save_segment_pairs",
+    "segment_pairs_from_columns",
 ]
