@@ -23,6 +23,7 @@ from prefopt.cache import cached_tensors
 from prefopt.checkpoint_io import KeepLogsWithCheckpoints, RecordRunSignature, check_checkpoint_file, check_resume, \
     run_signature
 from prefopt.data.pairs import TensorPairs
+from prefopt.degenerate import check_pairs
 from prefopt.distributed import is_fsdp, unwrapped_policy
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.feedback.train import (check_loss as check_feedback_loss, feedback_config, module_class, round_dataloader,
@@ -257,6 +258,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         pairs_only = feedback_config(cfg).kind == "pairs"
         pairs = round_pairs(cfg, task, policy, round_index, strategy) if pairs_only else round_feedback(
             cfg, task, policy, round_index)
+        check_pairs(pairs, f"round {round_index} pairs")  # all identical or ties: refused before training
         val = task.val_pairs() if pairs_only else None
         module = build_module(cfg, policy, round_index)
         trainer = build_trainer(cfg, output_dir, round_index, resuming=bool(ckpt_path))

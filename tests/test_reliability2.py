@@ -375,3 +375,60 @@ def test_summary_json_is_strict_json(tmp_path, monkeypatch):
     written = json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=refuse)
     assert written["eval"]["policy"]["reward_se"] is None
     assert written["nonfinite"] == ["eval.policy.reward_se", "rounds[0].policy.reward_se"]
+
+
+# ------------------------------------------------------------------------------------------ degenerate data
+def _rewrite_pairs(monkeypatch, change) -> None:
+    from prefopt.tasks.bandit import BanditTask
+
+    original = BanditTask.pairs
+
+    def pairs(self, policy, round_index):
+        made = original(self, policy, round_index)
+        change(made)
+        return made
+    monkeypatch.setattr(BanditTask, "pairs", pairs)
+
+
+def _identical(pairs, rows=slice(None)):
+    pairs.rejected["actions"][rows] = pairs.chosen["actions"][rows]
+
+
+def _all_ties(pairs):
+    pairs.tie[:] = True
+
+
+@pytest.mark.parametrize("change, names", [
+    (_identical, ("round 0 pairs", "all 64 preference pairs are uninformative", "64 with chosen identical to rejected")),
+    (_all_ties, ("all 64", "0 with chosen identical to rejected, 64 ties")),
+    (lambda p: (_identical(p, slice(0, 10)), p.tie[10:].fill_(True)), ("all 64", "10 with chosen identical", "54 ties")),
+], ids=["identical", "ties", "both"])
+def test_pairs_that_teach_nothing_are_refused_before_training(tmp_path, monkeypatch, change, names):
+    import lightning as L
+
+    _rewrite_pairs(monkeypatch, change)
+    monkeypatch.setattr(L.Trainer, "fit", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(PrefoptError) as info:
+        train(compose_config(tmp_path, *API, "cache_pairs=false"))
+    for name in names:
+        assert name in str(info.value)
+
+
+def test_some_identical_pairs_are_named_in_a_warning(tmp_path, monkeypatch, caplog):
+    from prefopt.degenerate import check_pairs
+    from prefopt.tasks.bandit import BanditTask
+
+    task = BanditTask(num_pairs=64, num_eval=8)
+    pairs = task.pairs(task.build_policy(), 0)
+    _identical(pairs, slice(0, 5))
+    with caplog.at_level("WARNING", logger="prefopt"):
+        check_pairs(pairs, "round 0 pairs")
+    assert "round 0 pairs: 5 of 64 preference pairs are uninformative (5 with chosen identical to rejected, 0 ties)" \
+        in caplog.text
+
+
+def test_a_teacher_that_ties_everything_is_refused_by_the_cli(tmp_path, capsys):
+    code, _, err = cli(capsys, tmp_path / "run", tmp_path / "cache", "domain.task.teacher.kind=equal",
+                       "+domain.task.teacher.equal_threshold=1e9", "cache_pairs=false")
+    assert_one_error(code, err, ("round 0 pairs", "all 64", "64 ties", "equal_threshold"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
