@@ -115,6 +115,44 @@ def check_path(key: str, value: Any) -> None:
         raise PrefoptError(f"{key}={value}: is a folder; allowed: a file")
     if (name.endswith("_folder") or name in FOLDERS) and not path.is_dir():
         raise PrefoptError(f"{key}={value}: is a file; allowed: a folder")
+    check_weights(key, path)
+
+
+#: file suffixes of pickled weights (torch.save / pickle): refused in a model folder, never unpickled
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
+
+
+def _check_safetensors(key: str, file: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), "pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PrefoptError(f"{key}: {file} is not a complete safetensors file ({detail}); it is damaged or cut "
+                           "short: write it again (save_pretrained / safetensors.torch.save_file)") from None
+
+
+def check_weights(key: str, path: Path) -> None:
+    """Weights named by a path option are checked without loading them: every ``.safetensors`` file's header must
+    read and cover the file (a cut or foreign file is refused), and a model folder whose weights are pickle files
+    only (``.bin``, ``.pt``, ...) is refused, never unpickled."""
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            _check_safetensors(key, path)
+        return
+    if not path.is_dir():
+        return
+    found = [f for pattern in ("*", "*/*") for f in sorted(path.glob(pattern)) if f.is_file()]
+    tensors = [f for f in found if f.suffix == ".safetensors"]
+    pickled = [f for f in found if f.suffix in PICKLE_SUFFIXES]
+    for file in tensors:
+        _check_safetensors(key, file)
+    if pickled and not tensors:
+        raise PrefoptError(f"{key}={path}: holds pickle weights only ({', '.join(f.name for f in pickled[:3])}); "
+                           "prefopt never unpickles model files. Save the model as safetensors "
+                           "(save_pretrained(..., safe_serialization=True))")
 
 
 def validate_options(cfg: DictConfig) -> None:

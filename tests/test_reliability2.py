@@ -342,7 +342,7 @@ def test_bad_options_stop_before_anything_is_built(case, finished_checkpoint, tm
 
 
 def test_the_tables_hold_distinct_cases():
-    ids = [case.id for case in BAD_RUNS] + [str(o) for o, _ in RESUME_MISMATCH]
+    ids = [case.id for case in BAD_RUNS + BAD_WEIGHTS] + [str(o) for o, _ in RESUME_MISMATCH]
     assert len(set(ids)) == len(ids) >= 30
 
 
@@ -432,3 +432,53 @@ def test_a_teacher_that_ties_everything_is_refused_by_the_cli(tmp_path, capsys):
                        "+domain.task.teacher.equal_threshold=1e9", "cache_pairs=false")
     assert_one_error(code, err, ("round 0 pairs", "all 64", "64 ties", "equal_threshold"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------------ garbage weights
+def _model_folder(tmp: Path, **files: bytes) -> None:
+    from safetensors.torch import save
+
+    folder = tmp / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "gpt2"}')
+    (tmp / "data.jsonl").write_text('{"a": 1}\n')
+    whole = save({"w": torch.randn(64, 64)})
+    for name, data in files.items():
+        name = name.replace("__", ".")
+        (folder / name).write_bytes(whole[: len(whole) // 2] if data == b"cut" else whole if data == b"ok" else data)
+
+
+class Boom:
+    def __reduce__(self):  # unpickling this would write a file: the test checks it never is
+        return (Path.write_text, (Path("/tmp/prefopt-unpickled-marker"), "unpickled"))
+
+
+def _pickle_bin(tmp: Path) -> None:
+    import pickle
+
+    _model_folder(tmp)
+    (tmp / "model" / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Boom()}))
+
+
+SEQ = ("experiment=sequence_local_lm", "domain.task.pairs_path={tmp}/data.jsonl", "domain.task.model_path={tmp}/model")
+BAD_WEIGHTS = [
+    BadRun("cut safetensors in a model folder", SEQ, ("domain.task.model_path", "model.safetensors",
+                                                      "not a complete safetensors file"),
+           lambda tmp: _model_folder(tmp, model__safetensors=b"cut")),
+    BadRun("text named .safetensors in a model folder", SEQ, ("model.safetensors", "header too large"),
+           lambda tmp: _model_folder(tmp, model__safetensors=b"{not weights}")),
+    BadRun("pickle .bin weights only", SEQ, ("domain.task.model_path=", "pytorch_model.bin", "never unpickles"),
+           _pickle_bin),
+    BadRun("cut .safetensors as the control base", ("domain=control", "domain.task.base.kind=checkpoint",
+                                                    "domain.task.base.path={tmp}/model/base.safetensors"),
+           ("domain.task.base.path", "base.safetensors", "not a complete safetensors file"),
+           lambda tmp: _model_folder(tmp, base__safetensors=b"cut")),
+]
+
+
+@pytest.mark.parametrize("case", BAD_WEIGHTS, ids=str)
+def test_garbage_weights_are_refused_unread(case, finished_checkpoint, tmp_path, capsys, monkeypatch):
+    marker = Path("/tmp/prefopt-unpickled-marker")
+    marker.unlink(missing_ok=True)
+    test_bad_options_stop_before_anything_is_built(case, finished_checkpoint, tmp_path, capsys, monkeypatch)
+    assert not marker.exists()
