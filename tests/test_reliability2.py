@@ -482,3 +482,20 @@ def test_garbage_weights_are_refused_unread(case, finished_checkpoint, tmp_path,
     marker.unlink(missing_ok=True)
     test_bad_options_stop_before_anything_is_built(case, finished_checkpoint, tmp_path, capsys, monkeypatch)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------- resume (part)
+def test_resuming_a_finished_run_changes_nothing(finished_checkpoint, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_checkpoint / "run", run, ignore=shutil.ignore_patterns(runlock.LOCK_NAME))
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0  # max_epochs=1
+    before = snapshot(run)
+    summary = train(compose_config(tmp_path, *API, "ckpt_path=last"))
+    assert snapshot(run) == before  # summary.json, policy.safetensors, metrics.csv, checkpoints: unchanged
+    assert summary == json.loads((run / "summary.json").read_text())
+    # with more epochs to go the resume trains on (and rewrites the results)
+    train(compose_config(tmp_path, *API, "ckpt_path=last", "trainer.max_epochs=2"))
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert json.loads((run / "summary.json").read_text())["train"]
