@@ -103,7 +103,6 @@ class ControlTask(Task):
         offline: ``null`` or ``{path, split, num_pairs}``: the first round trains on this dataset.
         validate: also return the held-out pairs as Lightning validation data (``val/*`` metrics).
         train_log_std: let DPO change the Gaussian's log standard deviation (default: only the mean).
-        torch_threads: ``torch.set_num_threads`` for the run (``null`` leaves torch's default).
     """
 
     name = "control"
@@ -116,7 +115,7 @@ class ControlTask(Task):
                  num_heldout: int = 256, collect_steps: int | None = None, teacher: Mapping[str, Any] | None = None,
                  rounds: int = 1, batch_size: int = 64, eval_episodes: int = 50, eval_seed: int = 1_000_000,
                  eval_deterministic: bool = True, offline: Mapping[str, Any] | None = None, validate: bool = True,
-                 train_log_std: bool = False, torch_threads: int | None = 1, seed: int = 0,
+                 train_log_std: bool = False, seed: int = 0,
                  cache_dir: str | os.PathLike | None = None):
         check_choice("domain.task.pairing", pairing, PAIRINGS)
         for option, value, low in (("segment_length", segment_length, 1), ("num_pairs", num_pairs, 1),
@@ -159,9 +158,6 @@ class ControlTask(Task):
                 raise PrefoptError(f"domain.task.offline={self.offline}: needs 'path' (a .npz file or a datasets "
                                    "folder) and may have 'split' and 'num_pairs'")
         self.validate, self.train_log_std, self.seed = bool(validate), bool(train_log_std), int(seed)
-        if torch_threads:
-            # tiny MLPs run fastest on one thread (several threads cost 10x or more on a busy CPU)
-            torch.set_num_threads(int(torch_threads))
         self.cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "prefopt"
         self._envs = None
         self._heldout: TensorPairs | None = None
