@@ -237,3 +237,26 @@ class _ShapesOnly(torch.nn.Module):
 
     def state_dict(self, *args, **kwargs):  # noqa: D102
         return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in self._shapes.items()}
+
+
+def finished_run_summary(output_dir: Path, ckpt_path: str | None, cfg) -> dict[str, Any] | None:
+    """The summary of the finished run in ``output_dir`` when ``ckpt_path`` resumes it with nothing left to train
+    (its ``last.ckpt`` is at ``trainer.max_epochs`` / ``max_steps`` and ``summary.json`` is there), else None.
+    Resuming a finished run is then a no-op that leaves every file as it was."""
+    import json
+
+    summary = Path(output_dir) / "summary.json"
+    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if not ckpt_path or not summary.is_file() or not last.is_file() or Path(ckpt_path).resolve() != last.resolve():
+        return None
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    trainer = cfg.get("trainer") or {}
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
+    step, epoch = int(checkpoint.get("global_step", 0)), int(checkpoint.get("epoch", -1))
+    done = (max_steps not in (None, -1) and step >= max_steps) or (max_epochs not in (None, -1)
+                                                                   and epoch + 1 >= max_epochs)
+    if not done:
+        return None
+    log.warning("prefopt: the run in %s already finished (epoch %d, step %d); nothing to resume, its files are kept",
+                output_dir, epoch + 1, step)
+    return json.loads(summary.read_text())

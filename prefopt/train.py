@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.atomic import atomic_write
 from prefopt.cache import cached_tensors
 from prefopt.checkpoint_io import KeepLogsWithCheckpoints, RecordRunSignature, check_checkpoint_file, check_resume, \
-    run_signature
+    finished_run_summary, run_signature
 from prefopt.data.pairs import TensorPairs
 from prefopt.degenerate import check_pairs
 from prefopt.distributed import is_fsdp, unwrapped_policy
@@ -257,6 +257,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"), output_dir / "checkpoints")
     if ckpt_path:  # the loss, reference, domain of the checkpoint's run, before anything is built
         check_resume(ckpt_path, run_signature(cfg))
+        if (done := finished_run_summary(output_dir, ckpt_path, cfg)) is not None:
+            return done  # resuming a finished run changes nothing
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.get("torch_threads") is not None:  # the run's one thread policy, before any model is built
         torch.set_num_threads(int(cfg.torch_threads))

@@ -116,6 +116,51 @@ def check_path(key: str, value: Any) -> None:
     if (name.endswith("_folder") or name in FOLDERS) and not path.is_dir():
         raise PrefoptError(f"{key}={value}: is a file; allowed: a folder")
     check_weights(key, path)
+    check_content(key, path)
+
+
+#: what the first bytes of a data file must be, by suffix
+MAGIC = {".parquet": ((b"PAR1",), "a parquet file"),
+         ".npz": ((b"PK\x03\x04", b"PK\x05\x06"), "a NumPy .npz (zip) archive"),  # an empty zip: its end record
+         ".npy": ((b"\x93NUMPY",), "a NumPy .npy array")}
+
+
+def check_content(key: str, path: Path) -> None:
+    """A data file's first bytes match its suffix: ``.parquet``, ``.npz`` and ``.npy`` by their magic bytes;
+    ``.jsonl``/``.json`` must be UTF-8 text, not gzip. Read: the first 64 KiB only."""
+    if not path.is_file():
+        return
+    suffix = path.suffix.lower()
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16)
+    except OSError as err:
+        raise PrefoptError(f"{key}={path}: cannot be read ({err.strerror or err})") from None
+    if suffix in MAGIC:
+        magic, what = MAGIC[suffix]
+        if not head.startswith(magic):  # str.startswith takes a tuple
+            found = "empty" if not head else ("gzip-compressed" if head[:2] == b"\x1f\x8b" else
+                                              "text" if _is_text(head) else "of another format")
+            raise PrefoptError(f"{key}={path}: is not {what} (its first bytes are not {magic[0]!r}; the file is {found})")
+    elif suffix in (".jsonl", ".json"):
+        if head[:2] == b"\x1f\x8b":
+            raise PrefoptError(f"{key}={path}: is gzip-compressed; decompress it first (gunzip -c {path.name} > "
+                               f"plain{suffix})")
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as err:
+            if len(head) < 1 << 16 or err.start < len(head) - 4:  # not a character cut at the 64 KiB boundary
+                line = head[: err.start].count(b"\n") + 1
+                raise PrefoptError(f"{key}={path}: is not UTF-8 text (byte {err.start}, line {line}: "
+                                   f"{head[err.start:err.start + 1]!r}); JSON lines must be UTF-8") from None
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 #: file suffixes of pickled weights (torch.save / pickle): refused in a model folder, never unpickled

@@ -342,7 +342,7 @@ def test_bad_options_stop_before_anything_is_built(case, finished_checkpoint, tm
 
 
 def test_the_tables_hold_distinct_cases():
-    ids = [case.id for case in BAD_RUNS + BAD_WEIGHTS] + [str(o) for o, _ in RESUME_MISMATCH]
+    ids = [case.id for case in BAD_RUNS + BAD_WEIGHTS + BAD_DATA] + [str(o) for o, _ in RESUME_MISMATCH]
     assert len(set(ids)) == len(ids) >= 30
 
 
@@ -482,3 +482,54 @@ def test_garbage_weights_are_refused_unread(case, finished_checkpoint, tmp_path,
     marker.unlink(missing_ok=True)
     test_bad_options_stop_before_anything_is_built(case, finished_checkpoint, tmp_path, capsys, monkeypatch)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------- resume (part)
+def test_resuming_a_finished_run_changes_nothing(finished_checkpoint, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_checkpoint / "run", run, ignore=shutil.ignore_patterns(runlock.LOCK_NAME))
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0  # max_epochs=1
+    before = snapshot(run)
+    summary = train(compose_config(tmp_path, *API, "ckpt_path=last"))
+    assert snapshot(run) == before  # summary.json, policy.safetensors, metrics.csv, checkpoints: unchanged
+    assert summary == json.loads((run / "summary.json").read_text())
+    # with more epochs to go the resume trains on (and rewrites the results)
+    train(compose_config(tmp_path, *API, "ckpt_path=last", "trainer.max_epochs=2"))
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert json.loads((run / "summary.json").read_text())["train"]
+
+
+# ------------------------------------------------------------------------------------------- data decoding
+def _data(name: str, data: bytes) -> Callable[[Path], None]:
+    return lambda tmp: (tmp / name).write_bytes(data)
+
+
+def _gzip_jsonl(tmp: Path) -> None:
+    import gzip
+
+    (tmp / "labels.jsonl").write_bytes(gzip.compress(b'{"obs": [0, 0, 0, 0], "label": 1}\n'))
+
+
+FEEDBACK = ("feedback=binary", "loss=kto")
+BAD_DATA = [
+    BadRun("gzip JSONL", (*FEEDBACK, "feedback.path={tmp}/labels.jsonl"), ("feedback.path=", "labels.jsonl",
+                                                                           "gzip-compressed", "gunzip")),
+    BadRun("Latin-1 JSONL", (*FEEDBACK, "feedback.path={tmp}/labels.jsonl"),
+           ("labels.jsonl", "is not UTF-8 text", "line 2"), _data("labels.jsonl", b'{"a": 1}\n{"name": "caf\xe9"}\n')),
+    BadRun("text named .parquet", (*FEEDBACK, "feedback.path={tmp}/labels.parquet"),
+           ("labels.parquet", "is not a parquet file", "the file is text"), _data("labels.parquet", b"a,b\n1,2\n")),
+    BadRun("text named .npz", (*FEEDBACK, "feedback.path={tmp}/labels.npz"),
+           ("labels.npz", "is not a NumPy .npz (zip) archive", "the file is text"), _data("labels.npz", b"1 2 3\n")),
+    BadRun("empty .parquet", (*FEEDBACK, "feedback.path={tmp}/labels.parquet"),
+           ("labels.parquet", "the file is empty"), _data("labels.parquet", b"")),
+]
+BAD_DATA[0] = BadRun(BAD_DATA[0].id, BAD_DATA[0].overrides, BAD_DATA[0].names, _gzip_jsonl)
+
+
+@pytest.mark.parametrize("case", BAD_DATA, ids=str)
+def test_data_files_that_do_not_match_their_format_are_refused(case, finished_checkpoint, tmp_path, capsys,
+                                                               monkeypatch):
+    test_bad_options_stop_before_anything_is_built(case, finished_checkpoint, tmp_path, capsys, monkeypatch)
+    assert "pickle" not in capsys.readouterr().err
