@@ -1,10 +1,12 @@
 """``python -m benchmarks``: prefopt's training step against TRL, the Diffusion-DPO script, a hand-written loop.
 
-Runs five benchmarks (CPU by default, the GPU when one is present), writes one JSON file and prints a
+Runs six benchmarks (CPU by default, the GPU when one is present), writes one JSON file and prints a
 Markdown table. See the README section "Performance" for the method and the measured results.
 
 1. ``trl``: TRL ``DPOTrainer`` vs prefopt on the same tiny GPT-2, pairs, beta, sigmoid loss, frozen copy.
 2. ``diffusion_script``: the ``train_diffusion_dpo.py`` step as a plain loop vs prefopt on the same LoRA UNet.
+2b. ``flow``: a hand-written flow-matching DPO loop (flow_grpo's SD3 DPO math) vs prefopt on the same LoRA UNet
+   with ``FlowMatchEulerDiscreteScheduler``, and both at other batch and image sizes.
 3. ``overhead``: prefopt through Lightning vs a hand-written loop of the same math, per domain.
 4. ``reference``: ``copy`` / ``adapter`` / ``precomputed`` / ``none`` on the diffusion and sequence domains.
 5. ``scaling``: prefopt's step time against batch size, sequence length and image size; log-log exponent.
@@ -29,19 +31,22 @@ from prefopt.atomic import atomic_write
 ROOT = Path(__file__).resolve().parents[1]
 
 FULL = dict(repeats=3, steps=3, warmup=1, memory_steps=3,
+            flow=dict(size=16, width=32, batch=8, batches=4, scale_batch=[2, 4, 8, 16], scale_size=[8, 16, 24]),
             seq=dict(vocab=512, layers=4, width=256, prompt=16, completion=48, batch=16, batches=4),
             diff=dict(size=16, width=32, batch=8, batches=4),
             ctrl=dict(batch=64, horizon=50, hidden=(256, 256), batches=4),
             scale=dict(repeats=2, seq_batch=[2, 4, 8, 16], seq_len=[16, 32, 64, 128], diff_batch=[2, 4, 8, 16],
                        diff_size=[8, 16, 24, 32]))
 SMOKE = dict(repeats=1, steps=1, warmup=0, memory_steps=2,
+             flow=dict(size=8, width=8, batch=2, batches=2, scale_batch=[1, 2], scale_size=[8, 16]),
              seq=dict(vocab=64, layers=1, width=32, prompt=4, completion=8, batch=2, batches=2),
              diff=dict(size=8, width=8, batch=2, batches=2),
              ctrl=dict(batch=4, horizon=5, hidden=(16, 16), batches=2),
              scale=dict(repeats=1, seq_batch=[1, 2], seq_len=[4, 8], diff_batch=[1, 2], diff_size=[8, 16]))
 
 SEQ_BETA, DIFF_BETA = 0.1, 2500.0
-TARGETS = {"trl": 1.0, "diffusion_script": 1.0, "overhead": 1.05, "precomputed": 0.75, "scaling": 1.1}
+TARGETS = {"trl": 1.0, "diffusion_script": 1.0, "flow": 1.05, "overhead": 1.05, "precomputed": 0.75, "scaling": 1.1}
+FLOW_BETA = 100.0  # flow_grpo's config/dpo.py
 
 
 def _le(value, target):
@@ -174,6 +179,48 @@ def bench_diffusion_script(b: Bench) -> dict:
             "met": _le(ratio, TARGETS["diffusion_script"])}
 
 
+# ------------------------------------------------------------------------------ 2b. flow matching
+def bench_flow(b: Bench) -> dict:
+    """prefopt's flow-matching step (``DiffusionPolicy`` + ``FlowMatchEulerDiscreteScheduler``, ``reference=adapter``,
+    ``likelihood_scale=0.5``) against :class:`~benchmarks.setups.FlowScriptLoop`, then both at other batch sizes
+    and image sizes (timing only)."""
+    import copy
+
+    c = b.cfg["flow"]
+    loss = {"loss_type": "sigmoid", "beta": FLOW_BETA}
+    adapter = {"name": "adapter", "rank": setups.LORA_RANK}
+
+    def factories(batch, size):
+        net = setups.unet(size, c["width"])
+        pairs = setups.diffusion_pairs(batch * c["batches"], size, with_seed=False)
+        return {"script": lambda: setups.FlowScriptLoop(copy.deepcopy(net), pairs, batch, FLOW_BETA),
+                "prefopt": lambda: setups.LightningRunner(setups.flow_policy(copy.deepcopy(net)), pairs, batch,
+                                                          loss, adapter)}
+
+    out = b.compare("flow", factories(c["batch"], c["size"]), baseline="script")
+    ratio = out["prefopt"]["ratio"]
+    result = {"status": "ok", "variants": out, "ratio": ratio, "target": TARGETS["flow"],
+              "met": _le(ratio, TARGETS["flow"]), "scaling": {}}
+    saved, b.cfg["repeats"] = b.cfg["repeats"], b.cfg["scale"]["repeats"]
+    for axis, sizes, make, work in (("batch", c["scale_batch"], lambda n: factories(n, c["size"]), lambda n: n),
+                                    ("image", c["scale_size"], lambda n: factories(c["batch"], n), lambda n: n * n)):
+        made = {}
+        for n in sizes:
+            pair = make(n)
+            made.update({str(n): pair["prefopt"], f"script_{n}": pair["script"]})
+        timed = b.compare(f"flow/scaling/{axis}", made, baseline=str(sizes[0]), memory=False)
+        seconds = [timed[str(n)]["seconds_per_step"] for n in sizes]
+        script = [timed[f"script_{n}"]["seconds_per_step"] for n in sizes]
+        units = [work(n) for n in sizes]
+        result["scaling"][axis] = {"sizes": sizes, "work_units": units, "seconds_per_step": seconds,
+                                   "script_seconds_per_step": script,
+                                   "ratio_per_size": [p / s for p, s in zip(seconds, script)],
+                                   "exponent": common.fit_exponent(units, seconds),
+                                   "script_exponent": common.fit_exponent(units, script)}
+    b.cfg["repeats"] = saved
+    return result
+
+
 # ------------------------------------------------------------------------------------ 3. overhead
 def bench_overhead(b: Bench) -> dict:
     import copy
@@ -298,7 +345,8 @@ def bench_scaling(b: Bench) -> dict:
     return results
 
 
-BENCHMARKS = {"trl": bench_trl, "diffusion_script": bench_diffusion_script, "overhead": bench_overhead,
+BENCHMARKS = {"trl": bench_trl, "diffusion_script": bench_diffusion_script, "flow": bench_flow,
+              "overhead": bench_overhead,
               "reference": bench_reference, "scaling": bench_scaling}
 
 
@@ -333,6 +381,14 @@ def table(results: dict) -> str:
         add("2 Diffusion-DPO script", v, "script",
             "<= 1.0, peak <= script" + ("" if mem_ok is None else f" (peak {'ok' if mem_ok else 'NOT ok'})"),
             r["met"])
+    if "flow" in bm:
+        r = bm["flow"]
+        add("2b flow-matching DPO script", r["variants"], "script", "<= 1.05", r["met"])
+        for axis, a in r["scaling"].items():
+            steps = ", ".join(f"{n}: {t * 1e3:.1f} / {h * 1e3:.1f}" for n, t, h in
+                              zip(a["sizes"], a["seconds_per_step"], a["script_seconds_per_step"]))
+            rows.append(f"| 2b flow scaling {axis} | ms/step prefopt / script by size: {steps} | | exponent "
+                        f"{a['exponent']:.2f} (script: {a['script_exponent']:.2f}) | | | |")
     for name, r in bm.get("overhead", {}).items():
         add(f"3 overhead {name} ({r['reference']})", r["variants"], "hand_loop", "<= 1.05", r["met"])
     for name, r in bm.get("reference", {}).items():

@@ -7,6 +7,8 @@ Runners (see :mod:`benchmarks.common`):
   ``prefopt`` runs, including ``self.log`` of the TRL-named metrics every step).
 * :class:`HandLoop`: the same math without Lightning and without the module: the adapter's
   ``concatenate``/``draw``/``log_likelihood``, :func:`prefopt.losses.preference_loss`, AdamW.
+* :class:`FlowScriptLoop`: the same for flow matching (``FlowMatchEulerDiscreteScheduler``), the math of
+  flow_grpo's SD3 DPO script.
 * :class:`DiffusionScriptLoop`: the training step of diffusers' ``train_diffusion_dpo.py`` (research project)
   re-written as a plain loop (LoRA via ``unet.add_adapter``, reference = ``disable_adapters()``, one
   concatenated forward of chosen + rejected with shared t and noise, ``-logsigmoid(beta * (ref_diff -
@@ -66,6 +68,12 @@ def ddpm():
     return DDPMScheduler(num_train_timesteps=1000)
 
 
+def flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3's schedule
+
+
 def control_network(obs_dim: int = 17, act_dim: int = 6, hidden=(256, 256), seed: int = 0) -> nn.Module:
     from prefopt.adapters.control import GaussianMLP
 
@@ -84,6 +92,13 @@ def diffusion_policy(network):
     from prefopt.adapters.diffusion import DiffusionPolicy
 
     return DiffusionPolicy(network, ddpm())
+
+
+def flow_policy(network):
+    """flow_grpo's SD3 DPO likelihood: logit-normal(0, 1) timesteps, no loss weighting, scale 0.5."""
+    from prefopt.adapters.diffusion import DiffusionPolicy
+
+    return DiffusionPolicy(network, flow_scheduler(), likelihood_scale=0.5)
 
 
 def control_policy(network):
@@ -284,6 +299,63 @@ class DiffusionScriptLoop:
                 ref_diff = ref_w - ref_l
                 unet.enable_adapters()
             loss = -F.logsigmoid(self.beta * (ref_diff - model_diff)).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            stamps.append(now())
+        return intervals(stamps)
+
+
+class FlowScriptLoop:
+    """Flow-matching Diffusion-DPO written as a plain loop, the math of flow_grpo's ``scripts/train_sd3_dpo.py``.
+
+    LoRA via ``unet.add_adapter`` and the reference by ``disable_adapters()`` (as :class:`DiffusionScriptLoop`);
+    per pair one logit-normal ``u`` (diffusers' ``compute_density_for_timestep_sampling``), the training
+    schedule's timestep and sigma at ``int(u * 1000)``, one noise shared by chosen and rejected,
+    ``x_t = (1 - sigma) x0 + sigma noise``, target ``noise - x0``, and
+    ``-logsigmoid(-0.5 * beta * ((mse_w - ref_w) - (mse_l - ref_l)))``.
+    """
+
+    def __init__(self, network, pairs: TensorPairs, batch_size: int, beta: float, lr: float = 1e-4,
+                 weight_decay: float = 0.01):
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+        from peft import LoraConfig
+
+        self.unet = network.to(device()).requires_grad_(False)
+        self.unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+                                         target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        scheduler = flow_scheduler()
+        self.timesteps, self.sigmas = scheduler.timesteps.to(device()), scheduler.sigmas.to(device())
+        self.density = compute_density_for_timestep_sampling
+        self.batches = batches_of(pairs, batch_size)
+        self.beta, self.lr, self.weight_decay = beta, lr, weight_decay
+
+    def run(self, n: int) -> list[float]:
+        unet = self.unet
+        params = [p for p in unet.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        unet.train()
+        stamps = []
+        for i in range(n):
+            batch = self.batches[i % len(self.batches)]
+            latents = torch.cat([batch["chosen_latents"], batch["rejected_latents"]])
+            half = latents.shape[0] // 2
+            u = self.density("logit_normal", half, logit_mean=0.0, logit_std=1.0)
+            index = (u * 1000).long().clamp(0, 999).to(latents.device)
+            timesteps = self.timesteps[index].repeat(2)
+            sigma = self.sigmas[index].repeat(2).view(-1, 1, 1, 1)
+            noise = torch.randn_like(latents[:half]).repeat(2, 1, 1, 1)
+            noisy = (1.0 - sigma) * latents + sigma * noise
+            target = noise - latents
+            hidden = batch["encoder_hidden_states"].repeat(2, 1, 1)
+            pred = unet(noisy, timesteps, hidden).sample
+            model_w, model_l = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3]).chunk(2)
+            with torch.no_grad():
+                unet.disable_adapters()
+                ref_pred = unet(noisy, timesteps, hidden).sample
+                ref_w, ref_l = F.mse_loss(ref_pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3]).chunk(2)
+                unet.enable_adapters()
+            loss = -F.logsigmoid(-0.5 * self.beta * ((model_w - ref_w) - (model_l - ref_l))).mean()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

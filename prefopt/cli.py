@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.errors import PrefoptError
+from prefopt.runlock import release_all, run_id
 
 log = logging.getLogger("prefopt")
 
@@ -44,6 +45,7 @@ def sweep_subdir(override_dirname: str, job_num) -> str:
 
 
 OmegaConf.register_new_resolver("prefopt_subdir", sweep_subdir, replace=True)
+OmegaConf.register_new_resolver("prefopt_run_id", run_id, replace=True)  # prefopt.runlock: unique run folders
 
 
 def _checkout_configs() -> Path | None:
@@ -297,6 +299,7 @@ def main() -> None:
         print(f"prefopt: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
+        release_all()  # the run folder's lock (prefopt.runlock), also when the run ended with SystemExit
         if not user_full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)
 

@@ -20,8 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.atomic import atomic_write
 from prefopt.cache import cached_tensors
-from prefopt.checkpoint_io import KeepLogsWithCheckpoints, check_checkpoint_file
+from prefopt.checkpoint_io import KeepLogsWithCheckpoints, RecordRunSignature, check_checkpoint_file, check_resume, \
+    finished_run_summary, run_signature
 from prefopt.data.pairs import TensorPairs
+from prefopt.degenerate import check_pairs
 from prefopt.distributed import is_fsdp, unwrapped_policy
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.feedback.train import (check_loss as check_feedback_loss, feedback_config, module_class, round_dataloader,
@@ -29,7 +31,9 @@ from prefopt.feedback.train import (check_loss as check_feedback_loss, feedback_
 from prefopt.losses import LOSS_ALIASES
 from prefopt.module import NONFINITE_MODES, PreferenceModule, check_loss_reference, loss_config
 from prefopt.reference import ReferenceStrategy, make_reference, policy_view
+from prefopt.runlock import check_not_finished, hold_run_folder
 from prefopt.tasks.base import Task
+from prefopt.validation import summary_json, validate_options
 
 
 def _container(node) -> Any:
@@ -125,6 +129,7 @@ def validate_config(cfg: DictConfig) -> ReferenceStrategy:
     built on a dummy parameter. Every failure is a PrefoptError naming the option. Returns the reference
     strategy (unattached), whose capability flags the task is told about.
     """
+    validate_options(cfg)  # types, ranges and paths of the generic options (prefopt.validation)
     try:
         seed = int(str(cfg.seed))
     except ValueError:
@@ -236,12 +241,24 @@ def round_pairs(cfg: DictConfig, task: Task, policy, round_index: int, reference
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one configured job end to end and return its summary (also written as ``summary.json``)."""
+    """Run one configured job end to end and return its summary (also written as ``summary.json``).
+
+    The run folder is locked for the run, and a finished run in it is not overwritten (prefopt.runlock)."""
+    with hold_run_folder(Path(cfg.paths.output_dir)):
+        check_not_finished(Path(cfg.paths.output_dir), cfg.get("ckpt_path"), cfg.get("overwrite", False))
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     strategy = validate_config(cfg)
     ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"), output_dir / "checkpoints")
+    if ckpt_path:  # the loss, reference, domain of the checkpoint's run, before anything is built
+        check_resume(ckpt_path, run_signature(cfg))
+        if (done := finished_run_summary(output_dir, ckpt_path, cfg)) is not None:
+            return done  # resuming a finished run changes nothing
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.get("torch_threads") is not None:  # the run's one thread policy, before any model is built
         torch.set_num_threads(int(cfg.torch_threads))
@@ -249,6 +266,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     task.use_reference(strategy)
     policy = task.build_policy()
     baseline = None  # the policy before any training, which evaluate() judges against (made in round 0)
+    signature = run_signature(cfg, policy.network)  # saved in every checkpoint; a resume must match it
+    if ckpt_path:
+        check_resume(ckpt_path, signature)
     if ckpt_path and task.rounds > 1:
         raise PrefoptError(f"ckpt_path resumes single-round runs only; this task has rounds={task.rounds}")
 
@@ -258,9 +278,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         pairs_only = feedback_config(cfg).kind == "pairs"
         pairs = round_pairs(cfg, task, policy, round_index, strategy) if pairs_only else round_feedback(
             cfg, task, policy, round_index)
+        check_pairs(pairs, f"round {round_index} pairs")  # all identical or ties: refused before training
         val = task.val_pairs() if pairs_only else None
         module = build_module(cfg, policy, round_index)
         trainer = build_trainer(cfg, output_dir, round_index, resuming=bool(ckpt_path))
+        trainer.callbacks.append(RecordRunSignature(signature))
         plain = copy.deepcopy(module.policy) if is_fsdp(trainer) else None  # FSDP wraps the networks in place
         if baseline is None:
             baseline = frozen_baseline(module, fsdp=plain is not None)
@@ -285,7 +307,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "rounds": rounds,
     }
     if rank_zero_only.rank == 0:  # under DDP every rank has the same result; one writes it
-        atomic_write(output_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+        atomic_write(output_dir / "summary.json", summary_json(summary))  # strict JSON: NaN -> null
         export_policy(policy, output_dir / "policy.safetensors")
         # Kept out of summary.json so that one config and seed always give the same summary.
         timing = {"wall_time_s": round(time.perf_counter() - started, 2)}

@@ -74,7 +74,12 @@ def test_smoke_run_writes_every_benchmark(tmp_path):
     assert results["mode"] == "smoke"
     assert {"machine", "settings", "targets", "table", "benchmarks", "peak_memory_method"} <= set(results)
     bench = results["benchmarks"]
-    assert set(bench) == {"trl", "diffusion_script", "overhead", "reference", "scaling"}
+    assert set(bench) == {"trl", "diffusion_script", "flow", "overhead", "reference", "scaling"}
+    flow = bench["flow"]
+    check_variants(flow["variants"], {"script", "prefopt"})
+    assert set(flow["scaling"]) == {"batch", "image"}
+    for axis in flow["scaling"].values():
+        assert len(axis["seconds_per_step"]) == len(axis["script_seconds_per_step"]) == len(axis["sizes"])
     assert "| benchmark |" in proc.stdout and proc.stdout.strip().endswith("|")
 
     trl = bench["trl"]

@@ -111,7 +111,7 @@ def test_concatenated_forward_equals_separate_forwards():
     calls = []
     network.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
     together = policy.log_likelihood(network, concatenate_pairs(batch))
-    assert calls == [torch.Size([6, 8])]  # chosen and rejected in one forward
+    assert len(calls) == 1 and calls[0][0] == 6  # chosen and rejected in one forward
     apart = torch.cat([policy.log_likelihood(network, trim_pair_batch(dict(chosen))),
                        policy.log_likelihood(network, trim_pair_batch(dict(rejected)))])
     assert torch.allclose(together, apart, atol=1e-5)
@@ -214,3 +214,167 @@ def test_lora_targets_follow_the_network():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=16, n_positions=16, n_embd=8,
                                                                 n_layer=1, n_head=2))
     assert SequencePolicy(gpt2).lora_targets == ("c_attn",)  # peft's table for gpt2
+
+
+# ------------------------------------------------------------------ logits at the scored positions only
+class FullLogits(nn.Module):
+    """The same network behind a forward that can only return every position's logits."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return self.inner(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def _mixed_batch():
+    """Prompts of different lengths, right padding, one row with a left pad: the kept window is ragged."""
+    batch = pad_sequences([[1, 4, 5, 6, 2], [1, 7, 8, 9, 6, 6, 2], [1, 9, 4, 4, 4, 5, 2, 3]], [2, 4, 3])
+    batch["input_ids"][1] = torch.tensor([0, 1, 7, 8, 9, 6, 6, 2])
+    batch["attention_mask"][1] = torch.tensor([0, 1, 1, 1, 1, 1, 1, 1])
+    batch["completion_mask"][1] = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1])
+    batch["input_ids"][0, 5:] = 10  # padding of another value: must not matter
+    return batch
+
+
+def _gpt2(cls=None):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=11, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return (cls or transformers.GPT2LMHeadModel)(config).double().eval()
+
+
+def test_scored_logits_equal_the_full_logits_for_a_hugging_face_lm_and_the_melody_transformer():
+    batch = _mixed_batch()
+    for network in (_gpt2(), _tiny_transformer(seed=2).double()):
+        calls = []
+        network.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs), with_kwargs=True)
+        policy = SequencePolicy(network, pad_id=0)
+        kept = policy.log_likelihood(network, batch)
+        # logits_to_keep: from the first predicting column (row 0's prompt ends at column 1) to the last
+        # predicting column (6): the 8th input column is never fed
+        assert calls[-1]["logits_to_keep"] == 6 and calls[-1]["attention_mask"].shape == (3, 7)
+        full = SequencePolicy(FullLogits(network), pad_id=0).log_likelihood(FullLogits(network), batch)
+        assert kept.dtype == torch.float64
+        assert torch.allclose(kept, full, rtol=0, atol=1e-6)
+        by_hand = [sum(float(torch.log_softmax(_row_logits(network, batch, i, t).detach(), -1)[batch["input_ids"][i, t]])
+                       for t in range(1, 8) if batch["completion_mask"][i, t]) for i in range(3)]
+        assert kept.tolist() == pytest.approx(by_hand, abs=1e-6)
+
+
+def _row_logits(network, batch, i, t):
+    """The logits predicting token t of row i, from a forward of that row's real tokens before t alone."""
+    ids = batch["input_ids"][i, :t][batch["attention_mask"][i, :t].bool()][None]
+    out = network(ids)
+    return (out.logits if hasattr(out, "logits") else out)[0, -1]
+
+
+def test_scored_logits_run_the_backbone_and_head_of_a_model_without_logits_to_keep():
+    transformers = pytest.importorskip("transformers")
+
+    class NoKeep(transformers.GPT2LMHeadModel):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=use_cache)
+
+    network = _gpt2(NoKeep)
+    network.load_state_dict(_gpt2().state_dict())
+    seen = []
+    network.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    batch = _mixed_batch()
+    kept = SequencePolicy(network, pad_id=0).log_likelihood(network, batch)
+    assert seen == [torch.Size([int(SequencePolicy(network).lengths(batch).sum()), 16])]  # the K scored positions
+    full = SequencePolicy(FullLogits(_gpt2()), pad_id=0).log_likelihood(FullLogits(_gpt2()), batch)
+    assert torch.allclose(kept, full, rtol=0, atol=1e-6)
+    # a logit soft-cap in the config: the head alone would be wrong, so the full logits are used
+    network.config.final_logit_softcapping = 30.0
+    seen.clear()
+    SequencePolicy(network, pad_id=0).log_likelihood(network, batch)
+    assert seen[0][:2] == (3, 8)
+
+
+def test_a_plain_ids_to_logits_module_gets_the_full_logits():
+    network = Bigram(TABLE).double()
+    batch = _mixed_batch()
+    batch["input_ids"] = batch["input_ids"].clamp_max(3)
+    got = SequencePolicy(network, pad_id=PAD).log_likelihood(network, batch)
+    ids = batch["input_ids"]
+    expected = [sum(hand_logp(int(ids[i, t - 1]), int(ids[i, t])) for t in range(1, 8)
+                    if batch["completion_mask"][i, t] and batch["attention_mask"][i, t]) for i in range(3)]
+    assert got.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- sampling
+def _sample_one_row_at_a_time(network, prompts, max_new_tokens, eos_id, seed, banned):
+    """The sampler's definition, written plainly: each row recomputed from scratch, alone; at every step one
+    uniform per row of the chunk is drawn (finished rows included), and the token is the inverse CDF of it."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003)
+    rows, done = [list(p) for p in prompts], [False] * len(prompts)
+    out = [[] for _ in prompts]
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            u = torch.rand(len(prompts), 1, generator=generator)
+            for i, row in enumerate(rows):
+                if done[i]:
+                    continue
+                logits = network(torch.tensor([row]))[0, -1].float()
+                logits[list(banned)] = float("-inf")
+                cdf = torch.softmax(logits, -1).cumsum(-1)
+                token = int(torch.searchsorted(cdf, u[i] * cdf[-1:]).clamp_max(len(cdf) - 1))
+                row.append(token), out[i].append(token)
+                done[i] = token == eos_id
+            if all(done):
+                break
+    return out
+
+
+def test_the_cached_batched_sampler_draws_the_tokens_of_the_plain_definition():
+    network = _tiny_transformer(seed=7)
+    prompts = [[1] + [4 + (i * j) % 7 for j in range(i % 5)] for i in range(24)]  # lengths 1-5: left padding
+    expected = _sample_one_row_at_a_time(network, prompts, 14, 2, seed=3, banned=(0, 1))
+    lengths = [len(c) for c in expected]
+    assert min(lengths) < 5 and max(lengths) == 14  # rows finish at different steps: finished rows get dropped
+    policy = SequencePolicy(network, pad_id=0)
+    dropped = []
+    original = __import__("prefopt.tasks.sequence.model", fromlist=["KVCache"]).KVCache.batch_select_indices
+
+    def spy(cache, indices):
+        dropped.append(cache.keys[0].shape[0] - len(indices))
+        original(cache, indices)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("prefopt.tasks.sequence.model.KVCache.batch_select_indices", spy)
+        cached = policy.sample(prompts, 14, 2, seed=3, banned=(0, 1), batch_size=64)
+    assert dropped and sum(dropped) < len(prompts)
+    assert cached == expected
+    assert policy.sample(prompts, 14, 2, seed=3, banned=(0, 1), network=NoCache(network), batch_size=64) == expected
+
+
+def test_kv_cache_keeps_selected_rows_and_refuses_to_overflow():
+    from prefopt.tasks.sequence.model import KVCache
+
+    network = _tiny_transformer(seed=1)
+    ids = torch.tensor([[1, 4, 5], [1, 6, 7], [1, 8, 9]])
+    with torch.no_grad():
+        out = network(ids, use_cache=True)
+        out.cache.batch_select_indices(torch.tensor([2, 0]))
+        step = network(torch.tensor([[3], [3]]), cache=out.cache, use_cache=True)
+        whole = network(torch.tensor([[1, 8, 9, 3], [1, 4, 5, 3]]))
+    assert step.cache.length == 4
+    assert torch.allclose(step.logits[:, -1], whole[:, -1], atol=1e-5)
+    cache = KVCache(1, 1, 1, 2, capacity=2, dtype=torch.float32, device=torch.device("cpu"))
+    cache.update(0, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+    cache.length = 2
+    with pytest.raises(PrefoptError, match="capacity 2"):
+        cache.update(0, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
+
+
+def test_right_padded_rows_score_as_if_alone():
+    network = _tiny_transformer(seed=5)
+    batch = pad_sequences([[1, 4, 5, 6, 2], [1, 7, 2], [1, 9, 4, 4, 4, 5, 2]], [1, 1, 1])
+    logits = network(batch["input_ids"], attention_mask=batch["attention_mask"])
+    for i, n in enumerate([5, 3, 7]):
+        alone = network(batch["input_ids"][i:i + 1, :n])
+        assert torch.allclose(logits[i, :n], alone[0], atol=1e-5)

@@ -187,3 +187,21 @@ def test_win_rate_counts_ties_as_one_half():
     result = win_rate(torch.tensor([1.0, 0.0, 0.5, 0.2]), torch.tensor([0.0, 0.0, 1.0, 0.2]))
     assert result == {"win_rate": pytest.approx((1 + 0.5 + 0 + 0.5) / 4), "win_rate_strict": 0.25,
                       "tie_rate": 0.5}
+
+
+@pytest.mark.parametrize("name", ["bwv104.6.mxl",    # pickup bar, ties
+                                  "bwv101.7.mxl",    # bars numbered "4a" (music21: bar 4)
+                                  "bwv111.6.mxl",    # a <forward> gap after the last note
+                                  "bwv299.mxl"])     # refused by the small reader: music21 parses it
+def test_the_small_musicxml_reader_gives_music21s_tokens(name, monkeypatch):
+    pytest.importorskip("music21")
+    from prefopt.tasks.sequence import chorales
+    from prefopt.tasks.sequence.musicxml import read_score
+
+    path = next(p for p in chorale_paths() if p.name == name)
+    assert (read_score(path) is None) == (name == "bwv299.mxl")
+    tokenizer = ChoraleTokenizer()
+    fast = parse_chorale(path, tokenizer, 2)
+    monkeypatch.setattr(chorales, "read_score", lambda path: None)  # music21 for every score
+    assert fast == parse_chorale(path, tokenizer, 2)
+    assert fast is None or (fast[0][0] == BOS and fast[0][-1] == EOS)

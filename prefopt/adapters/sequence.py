@@ -8,8 +8,10 @@ A sample is one token sequence, ``prompt + completion``, padded to the batch's l
 
 The log-likelihood of a sample is ``sum_t log p(x_t | x_<t)`` over its completion tokens only: the prompt
 conditions but is not scored, padding is neither attended to nor scored. The logits at position ``t - 1``
-predict token ``t``; only the logits of the scored positions are gathered, and their log-probabilities
-come from ``cross_entropy(reduction="none")``, so no full ``[N, T, V]`` log-softmax is materialized. The
+predict token ``t``; the LM head runs only at the scored positions where the network allows it (Hugging
+Face's ``logits_to_keep``, or its backbone and head apart; see :meth:`SequencePolicy.scored_logits`), as
+TRL's ``logits_to_keep`` and fused head do, and the log-probabilities of those positions come from
+``cross_entropy(reduction="none")``, so no full ``[N, T, V]`` log-softmax is materialized. The
 first position of a row can not be scored (nothing predicts it): start every sequence with a BOS token or
 a prompt. :meth:`SequencePolicy.lengths` gives the completion lengths for length-normalized losses.
 
@@ -94,6 +96,38 @@ def _cache_of(output: Any) -> Any:
     return None
 
 
+#: config attributes that change a causal LM's logits after its output embedding (TRL's fused head reads the same)
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+
+
+def _backbone_and_head(network: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(backbone, output embedding) of a Hugging Face causal LM whose logits are ``head(last_hidden_state)``."""
+    base = base_network(network)
+    get_head = getattr(base, "get_output_embeddings", None)
+    backbone = getattr(base, "base_model", None)
+    if not callable(get_head) or backbone is None or backbone is base:
+        return None
+    head = get_head()
+    if type(head) is not nn.Linear:
+        return None
+    config = getattr(base, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(text, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return backbone, head
+
+
+def _hidden_of(output: Any) -> torch.Tensor:
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None and isinstance(output, (tuple, list)) and output:
+        hidden = output[0]
+    if not torch.is_tensor(hidden):
+        raise PrefoptError(f"the sequence network's backbone returned {type(output).__name__}; expected an output "
+                           "with .last_hidden_state")
+    return hidden
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only: ``cumsum(mask) - 1`` (padding gets 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -151,6 +185,37 @@ class SequencePolicy(PreferencePolicy):
         """Next-token logits ``[N, T, V]`` of the samples' ``input_ids`` under ``network``."""
         return _logits_of(call_network(network, samples["input_ids"], samples.get("attention_mask")))
 
+    def scored_logits(self, network: nn.Module, samples: Mapping[str, Any], rows: torch.Tensor,
+                      cols: torch.Tensor) -> torch.Tensor:
+        """The logits ``[K, V]`` at positions ``(rows, cols)`` only (each predicts the token after it).
+
+        The LM head runs on as few positions as the network allows, and the columns after the last
+        predicting position are not fed at all (a causal model's outputs before them do not depend on them):
+
+        1. a ``forward`` that takes ``logits_to_keep`` (Hugging Face causal LMs, :class:`MelodyTransformer`;
+           ``num_logits_to_keep`` in older transformers): the logits from the first predicting column on;
+        2. a Hugging Face causal LM without it, whose logits are its output embedding applied to the last
+           hidden state (no logit scaling or soft-capping in its config): the backbone, then the head on the
+           ``K`` kept hidden states;
+        3. any other ids -> logits module, or a subclass that overrides :meth:`logits`: the full logits.
+        """
+        if type(self).logits is not SequencePolicy.logits or rows.numel() == 0:
+            return self.logits(network, samples)[rows, cols]
+        first, last = torch.stack([cols.min(), cols.max()]).tolist()
+        ids, attention = samples["input_ids"][:, : last + 1], samples.get("attention_mask")
+        attention = None if attention is None else attention[:, : last + 1]
+        params = _forward_parameters(network)
+        keep_arg = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        if keep_arg is not None:
+            logits = _logits_of(call_network(network, ids, attention, **{keep_arg: last + 1 - first}))
+            return logits[rows, cols - first]
+        split = _backbone_and_head(network)
+        if split is not None:
+            backbone, head = split
+            hidden = _hidden_of(call_network(backbone, ids, attention))
+            return head(hidden[rows, cols])
+        return self.logits(network, samples)[rows, cols]
+
     @staticmethod
     def _check(samples: Mapping[str, Any]) -> None:
         for key in ("input_ids", "completion_mask"):
@@ -172,12 +237,13 @@ class SequencePolicy(PreferencePolicy):
         attention = samples.get("attention_mask")
         if attention is not None:
             scored = scored & attention.bool()
-        logits = self.logits(network, samples)
-        # logits[:, t] predicts ids[:, t + 1]: gather the predicting positions of the scored tokens only
+        # logits[:, t] predicts ids[:, t + 1]: the predicting positions of the scored tokens only
         rows, cols = scored[:, 1:].nonzero(as_tuple=True)
-        picked = logits[rows, cols]                                     # [K, V]
+        picked = self.scored_logits(network, samples, rows, cols)     # [K, V]
+        if picked.dtype.itemsize < 4:  # half precision: the log-softmax in float32
+            picked = picked.float()
         targets = ids[rows, cols + 1]
-        token_logps = -F.cross_entropy(picked.float(), targets, reduction="none")
+        token_logps = -F.cross_entropy(picked, targets, reduction="none")
         out = torch.zeros(ids.shape[0], dtype=token_logps.dtype, device=ids.device)
         return out.index_add(0, rows, token_logps)
 
@@ -208,12 +274,13 @@ class SequencePolicy(PreferencePolicy):
     @torch.no_grad()
     def sample(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int | None,
                seed: int = 0, temperature: float = 1.0, network: nn.Module | None = None,
-               banned: Sequence[int] = (), batch_size: int = 256) -> list[list[int]]:
+               banned: Sequence[int] = (), batch_size: int = 256, progress: str | None = None) -> list[list[int]]:
         """Completions of ``prompts`` (each stops after ``eos_id``, which is kept, or at ``max_new_tokens``).
 
         Rows are drawn from one generator seeded with ``seed`` per chunk of ``batch_size`` prompts, so two
         networks sampled with the same arguments see the same uniforms. ``banned`` tokens (padding,
-        special tokens) get probability zero.
+        special tokens) get probability zero. ``progress``: the label of a progress bar over the finished
+        completions (``None``: no bar).
         """
         if temperature <= 0:
             raise PrefoptError(f"temperature={temperature!r} must be > 0")
@@ -227,19 +294,30 @@ class SequencePolicy(PreferencePolicy):
             groups = [by_length[k] for k in sorted(by_length)]
         out: list[list[int]] = [[] for _ in prompts]
         chunk = 0
-        with eval_mode(network):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc=progress or "", unit="seq", disable=progress is None, leave=False)
+        with bar, eval_mode(network):
             for group in groups:
                 for start in range(0, len(group), batch_size):
                     rows = group[start:start + batch_size]
                     generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + chunk)
                     chunk += 1
                     done = self._sample_chunk(network, [prompts[i] for i in rows], max_new_tokens, eos_id,
-                                              generator, temperature, banned)
+                                              generator, temperature, banned, bar)
                     for i, completion in zip(rows, done):
                         out[i] = completion
         return out
 
-    def _sample_chunk(self, network, prompts, max_new_tokens, eos_id, generator, temperature, banned):
+    def _sample_chunk(self, network, prompts, max_new_tokens, eos_id, generator, temperature, banned, bar=None):
+        """One batch of prompts, left-padded so that every row's next token goes to the same column.
+
+        A row that has finished (EOS) keeps its place until a quarter of the batch has finished; then the
+        finished rows are dropped from the batch and, through ``batch_select_indices``, from the cache
+        (where the cache has no such method, finished rows stay and their tokens are ignored). The
+        uniforms are drawn for every row of the chunk at every step, running or not, so a row's draws do
+        not depend on when the other rows finish.
+        """
         device = _device_of(network)
         n = len(prompts)
         if any(len(p) == 0 for p in prompts):
@@ -247,46 +325,58 @@ class SequencePolicy(PreferencePolicy):
         width = max(len(p) for p in prompts)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every row's next token goes to the same column
+        for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
             mask[i, width - len(p):] = 1
         ids, mask = ids.to(device), mask.to(device)
-        params = _forward_parameters(network)
-        cache_arg = _cache_argument(params)
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        new: list[torch.Tensor] = []
+        cache_arg = _cache_argument(_forward_parameters(network))
+        out = torch.full((n, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        rows = torch.arange(n, device=device)      # the chunk rows still in the batch
+        done = torch.zeros(n, dtype=torch.bool, device=device)  # per batch row
+        banned = list(banned)
         cache, step_ids = None, ids
+        reported = 0  # finished rows of the batch already counted on the bar
         for step in range(max_new_tokens):
-            full_mask = mask
-            positions = position_ids(full_mask)[:, -step_ids.shape[1]:]
-            extra: dict[str, Any] = {"position_ids": positions}
+            extra: dict[str, Any] = {"position_ids": position_ids(mask)[:, -step_ids.shape[1]:]}
             if cache_arg is not None:
                 extra.update({cache_arg: cache, "use_cache": True})
-            output = call_network(network, step_ids, full_mask, **extra)
+            output = call_network(network, step_ids, mask, **extra)
             logits = _logits_of(output)[:, -1].float()
             if banned:
-                logits[:, list(banned)] = float("-inf")
-            probs = torch.softmax(logits / temperature, dim=-1)
-            cdf = probs.cumsum(-1)
-            u = torch.rand(n, 1, generator=generator, dtype=cdf.dtype).to(device) * cdf[:, -1:]
-            token = torch.searchsorted(cdf, u).clamp_max(probs.shape[-1] - 1).squeeze(1)
+                logits[:, banned] = float("-inf")
+            cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)
+            u = torch.rand(n, 1, generator=generator, dtype=cdf.dtype).to(device)[rows] * cdf[:, -1:]
+            token = torch.searchsorted(cdf, u).clamp_max(cdf.shape[-1] - 1).squeeze(1)
             token = torch.where(done, torch.full_like(token, self.pad_id), token)
-            new.append(token)
+            out[rows, step] = token
             if eos_id is not None:
                 done = done | (token == eos_id)
-            if bool(done.all()):
+            finished = int(done.sum())
+            if bar is not None:
+                bar.update(finished - reported)
+                reported = finished
+            if finished == len(rows):
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # finished rows feed padding, ignored
             if cache_arg is not None:
-                cache, step_ids = _cache_of(output), token[:, None]
-                if cache is None:  # the network took the argument but gave no cache back
-                    cache_arg, step_ids = None, torch.cat([ids, torch.stack(new, 1)], dim=1)
+                cache = _cache_of(output)
+                if cache is None:  # the network took the argument but gave no cache back: recompute from here on
+                    cache_arg = None
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # finished rows feed padding, ignored
+            if finished and 4 * finished >= len(rows) and (cache_arg is None or hasattr(cache, "batch_select_indices")):
+                keep = (~done).nonzero().squeeze(1)
+                rows, done, mask, token, ids = rows[keep], done[keep], mask[keep], token[keep], ids[keep]
+                reported = 0
+                if cache_arg is not None:
+                    cache.batch_select_indices(keep)
+            if cache_arg is not None:
+                step_ids = token[:, None]
             else:
-                step_ids = torch.cat([ids, torch.stack(new, 1)], dim=1)
-        tokens = torch.stack(new, 1).tolist() if new else [[] for _ in range(n)]
+                step_ids = torch.cat([ids, out[rows, : step + 1]], dim=1)
+        if bar is not None:
+            bar.update(len(rows) - reported)
         completions = []
-        for row in tokens:
-            if eos_id is not None and eos_id in row:
+        for row in out.tolist():
+            if eos_id is not None and eos_id in row:  # a row without EOS ran every step
                 row = row[: row.index(eos_id) + 1]
             completions.append(row)
         return completions

@@ -243,6 +243,11 @@ def open_image(source: Any, where: str):
 
 def image_tensor(image, resolution: int) -> torch.Tensor:
     """Resize the shorter side to ``resolution``, center-crop a square, scale to ``[-1, 1]``: ``[3, R, R]``."""
+    return prepare_image(image, resolution)[0]
+
+
+def prepare_image(image, resolution: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """:func:`image_tensor` and the geometry SDXL conditions on: original (height, width), crop (top, left)."""
     import numpy as np
     from PIL import Image
 
@@ -253,19 +258,20 @@ def image_tensor(image, resolution: int) -> torch.Tensor:
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
     array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
-    return (array.permute(2, 0, 1) / 127.5 - 1.0).contiguous()
+    return (array.permute(2, 0, 1) / 127.5 - 1.0).contiguous(), (height, width, top, left)
 
 
 class ImagePairs(Dataset):
     """Pair-batch rows (see :mod:`prefopt.policy`) from :class:`PreferenceRecords`, decoded on access.
 
     Row ``i``: ``chosen_images`` / ``rejected_images`` ``[3, R, R]``, ``input_ids`` (the tokenized
-    caption, when a tokenizer is given), ``tie``, ``index`` and, with ``seeds``, the example's ``seed``.
+    caption, when a tokenizer is given), ``tie``, ``index``, with ``seeds`` the example's ``seed`` and with
+    ``geometry`` each image's original (height, width) and crop (top, left) (``chosen_geometry``...).
     """
 
     def __init__(self, records: PreferenceRecords, resolution: int, tokenizer=None,
-                 seeds: torch.Tensor | None = None):
-        self.records, self.resolution, self.seeds = records, int(resolution), seeds
+                 seeds: torch.Tensor | None = None, geometry: bool = False):
+        self.records, self.resolution, self.seeds, self.geometry = records, int(resolution), seeds, geometry
         self.input_ids = None
         if tokenizer is not None:
             self.input_ids = tokenizer(records.captions, padding="max_length", truncation=True,
@@ -276,17 +282,84 @@ class ImagePairs(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         where = f"{self.records.source} row {self.records.rows[i]}"
-        row = {
-            "chosen_images": image_tensor(open_image(self.records.chosen[i], where), self.resolution),
-            "rejected_images": image_tensor(open_image(self.records.rejected[i], where), self.resolution),
-            "tie": self.records.tie[i],
-            "index": torch.tensor(i, dtype=torch.int64),
-        }
+        row = {"tie": self.records.tie[i], "index": torch.tensor(i, dtype=torch.int64)}
+        for side, source in (("chosen", self.records.chosen[i]), ("rejected", self.records.rejected[i])):
+            image, geometry = prepare_image(open_image(source, where), self.resolution)
+            row[f"{side}_images"] = image
+            if self.geometry:
+                row[f"{side}_geometry"] = torch.tensor(geometry, dtype=torch.int64)
         if self.input_ids is not None:
             row["input_ids"] = self.input_ids[i]
         if self.seeds is not None:
             row["seed"] = self.seeds[i]
         return row
+
+
+class EncodedPairs(Dataset):
+    """Pair-batch rows from encodings computed once (see :mod:`prefopt.tasks.diffusion.text_to_image`).
+
+    Args:
+        chosen, rejected: latents ``[P, C, h, w]`` of each pair's images.
+        text: per-caption conditioning tensors ``[U, ...]`` (shared by both rows of a pair).
+        caption_index: ``[P]``, the row of ``text`` of each pair.
+        per_image: per-image conditioning, ``{key: (chosen [P, ...], rejected [P, ...])}`` (SDXL's ``time_ids``).
+        tie, seeds: as in :class:`ImagePairs`.
+    """
+
+    def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor, text: dict[str, torch.Tensor],
+                 caption_index: torch.Tensor, tie: torch.Tensor, per_image: dict | None = None,
+                 seeds: torch.Tensor | None = None):
+        self.chosen, self.rejected, self.text, self.caption_index = chosen, rejected, text, caption_index
+        self.tie, self.per_image, self.seeds = tie, dict(per_image or {}), seeds
+
+    def __len__(self) -> int:
+        return self.chosen.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = {"chosen_latents": self.chosen[i], "rejected_latents": self.rejected[i], "tie": self.tie[i],
+               "index": torch.tensor(i, dtype=torch.int64)}
+        for key, value in self.text.items():
+            row[key] = value[self.caption_index[i]]
+        for key, (chosen, rejected) in self.per_image.items():
+            row["chosen_" + key], row["rejected_" + key] = chosen[i], rejected[i]
+        if self.seeds is not None:
+            row["seed"] = self.seeds[i]
+        return row
+
+
+# ---------------------------------------------------------------------------------- cache keys
+def _source_digest(source: Any, sha) -> None:
+    if isinstance(source, (bytes, bytearray)):
+        sha.update(b"b")
+        sha.update(bytes(source))
+    elif isinstance(source, (str, Path)):
+        stat = Path(source).stat()
+        sha.update(f"p{Path(source).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    else:  # a decoded PIL image
+        sha.update(b"i")
+        sha.update(source.tobytes())
+
+
+def records_fingerprint(records: PreferenceRecords) -> str:
+    """A hash of the pairs' images (bytes, or path + size + modification time) and captions, in order."""
+    import hashlib
+
+    sha = hashlib.sha256()
+    for chosen, rejected, caption in zip(records.chosen, records.rejected, records.captions):
+        _source_digest(chosen, sha)
+        _source_digest(rejected, sha)
+        sha.update(caption.encode() + b"\0")
+    return sha.hexdigest()[:32]
+
+
+def folder_fingerprint(path: str | Path) -> list[tuple[str, int, int]]:
+    """``(name, size, modification time)`` of every file under a model folder: a cheap key for its weights."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    return [(str(f.relative_to(path)) if f != path else f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            for f in files]
 
 
 # ----------------------------------------------------------------------------------- pipelines

@@ -16,7 +16,8 @@ A score with a pitch outside the range is skipped, and so is a melody whose toke
 (the corpus has a few chorales twice). The *prompt* of a chorale is its BOS, mode and the notes of its
 opening ``prompt_bars`` bars (a pickup bar, numbered 0, counts in addition).
 
-Parsing takes about 0.1 s a score; the result is cached (:func:`load_chorales`) under a key made of the
+The ``.mxl``/``.xml`` scores are read by :mod:`prefopt.tasks.sequence.musicxml` (a few milliseconds a score),
+the others and any score that reader does not follow by music21 (about 0.25 s); the result is cached (:func:`load_chorales`) under a key made of the
 tokenizer's config, ``prompt_bars``, ``limit`` and the music21 version.
 """
 
@@ -32,6 +33,7 @@ import torch
 
 from prefopt.cache import cached_tensors
 from prefopt.errors import PrefoptError
+from prefopt.tasks.sequence.musicxml import read_score
 
 log = logging.getLogger(__name__)
 
@@ -155,19 +157,27 @@ def chorale_key(score) -> tuple[int, str] | None:
     if not notes or not signatures:
         return None
     tonic = min(p.midi for p in notes[-1].pitches) % 12
-    signature = signatures[0]
-    if tonic == signature.asKey("major").tonic.pitchClass:
-        return tonic, "major"
-    if tonic == signature.asKey("minor").tonic.pitchClass:
-        return tonic, "minor"
+    mode = _signature_key(signatures[0].sharps, tonic)
+    if mode is not None:
+        return tonic, mode
     analysed = score.analyze("key")
     if analysed.tonic.pitchClass == tonic and analysed.mode in MODES:
         return tonic, analysed.mode
     return None
 
 
-def parse_chorale(path: Path, tokenizer: ChoraleTokenizer, prompt_bars: int) -> tuple[list[int], int] | None:
-    """(tokens, prompt length) of one score, or ``None`` if it is skipped (see the module docstring)."""
+def _signature_key(fifths: int, tonic: int) -> str | None:
+    """The mode whose tonic under a key signature of ``fifths`` is the pitch class ``tonic`` (None: neither)."""
+    major = (7 * fifths) % 12
+    if tonic == major:
+        return "major"
+    if tonic == (major + 9) % 12:
+        return "minor"
+    return None
+
+
+def _events_music21(path: Path) -> tuple[list[tuple[int | None, float, int]], tuple[int, str]] | None:
+    """The soprano's (pitch, quarter length, measure) events and the key, as music21 reads the score."""
     from music21 import converter
 
     score = converter.parse(str(path), forceSource=True)  # forceSource: no music21 pickle cache is used
@@ -177,24 +187,49 @@ def parse_chorale(path: Path, tokenizer: ChoraleTokenizer, prompt_bars: int) -> 
     found = chorale_key(score)
     if found is None:
         return None
-    tonic, mode = found
+    events = []
+    for element in part.stripTies().flatten().notesAndRests:
+        pitch = None if element.isRest else max(p.midi for p in element.pitches)
+        events.append((pitch, float(element.quarterLength), int(element.measureNumber or 0)))
+    return events, found
+
+
+def _events(path: Path) -> tuple[list[tuple[int | None, float, int]], tuple[int, str]] | None:
+    """:func:`_events_music21`, read by :func:`~prefopt.tasks.sequence.musicxml.read_score` where it can."""
+    summary = read_score(path)
+    if summary is None:
+        return _events_music21(path)
+    if summary.soprano is None:
+        return None
+    if summary.fifths is None or summary.last_bass_pitch is None:
+        return None
+    tonic = summary.last_bass_pitch % 12
+    mode = _signature_key(summary.fifths, tonic)
+    if mode is None:  # a modal signature: music21's key analysis decides (see chorale_key)
+        return _events_music21(path)
+    return [(e.pitch, float(e.quarter_length), e.measure) for e in summary.soprano], (tonic, mode)
+
+
+def parse_chorale(path: Path, tokenizer: ChoraleTokenizer, prompt_bars: int) -> tuple[list[int], int] | None:
+    """(tokens, prompt length) of one score, or ``None`` if it is skipped (see the module docstring)."""
+    found = _events(Path(path))
+    if found is None:
+        return None
+    events, (tonic, mode) = found
     shift = (TONIC[mode] - tonic + 6) % 12 - 6
     notes: list[Note] = []
     bars: list[int] = []
-    for element in part.stripTies().flatten().notesAndRests:
-        quarter_length = float(element.quarterLength)
+    for pitch, quarter_length, measure in events:
         if quarter_length <= 0:  # grace notes
             continue
-        if element.isRest:
-            if not notes:  # leading rests carry nothing
-                continue
-            pitch = None
-        else:
-            pitch = max(p.midi for p in element.pitches) + shift
+        if pitch is None and not notes:  # leading rests carry nothing
+            continue
+        if pitch is not None:
+            pitch += shift
             if not tokenizer.low <= pitch <= tokenizer.high:
                 return None
         notes.append((pitch, quarter_length))
-        bars.append(int(element.measureNumber or 0))
+        bars.append(measure)
     while notes and notes[-1][0] is None:  # trailing rests
         notes.pop()
         bars.pop()
