@@ -143,3 +143,120 @@ class KeepLogsWithCheckpoints(L.Callback):
         # everything logged up to this checkpoint reaches the disk before the checkpoint does
         for logger in trainer.loggers:
             logger.save()
+
+
+# ------------------------------------------------------------------------------ what a checkpoint was trained with
+#: the checkpoint key that holds :func:`run_signature`
+SIGNATURE_KEY = "prefopt_run"
+
+
+def network_signature(network: torch.nn.Module) -> dict[str, Any]:
+    """The network's shape, not its values: a hash of every state_dict entry's name, shape and dtype, and counts."""
+    import hashlib
+
+    state = network.state_dict()
+    text = "\n".join(f"{name}:{tuple(value.shape)}:{value.dtype}" for name, value in sorted(state.items()))
+    return {"hash": hashlib.sha256(text.encode()).hexdigest()[:16], "tensors": len(state),
+            "numel": int(sum(value.numel() for value in state.values()))}
+
+
+def run_signature(cfg, network: torch.nn.Module | None = None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed by a run of ``cfg``: the domain, the base network's signature
+    (taken before any LoRA wrapping), the loss options, the reference strategy and the feedback kind."""
+    from omegaconf import OmegaConf
+
+    def plain(node):
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+    feedback = cfg.get("feedback")
+    signature = {"domain": str(cfg.domain.name), "loss": plain(cfg.loss), "reference": plain(cfg.reference),
+                 "feedback": str(feedback.get("kind", "pairs")) if feedback is not None else "pairs"}
+    if network is not None:
+        signature["network"] = network_signature(network)
+    return signature
+
+
+class RecordRunSignature(L.Callback):
+    """Writes :func:`run_signature` into every checkpoint (``checkpoint["prefopt_run"]``), so that a resume can
+    check that it continues the same run (:func:`check_resume`)."""
+
+    def __init__(self, signature: dict[str, Any]):
+        self.signature = signature
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[SIGNATURE_KEY] = self.signature
+
+
+def _differences(saved: Any, current: Any, key: str) -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        found = []
+        for name in sorted(set(saved) | set(current), key=str):
+            found += _differences(saved.get(name, "<not set>"), current.get(name, "<not set>"), f"{key}.{name}")
+        return found
+    return [] if saved == current else [f"{key}: checkpoint {saved!r}, this run {current!r}"]
+
+
+def check_resume(ckpt_path: str | os.PathLike, signature: dict[str, Any]) -> None:
+    """Refuse to resume from a checkpoint of another run: one PrefoptError naming every option that differs.
+
+    Only the keys of ``signature`` are compared: the config's (a signature without ``network``) before the task
+    is built, then the network's once it is built, both before any pairs are made.
+    A checkpoint written before checkpoints carried their config is checked on its network alone (the names and
+    shapes of its ``policy.network.*`` tensors, when the network was not LoRA-wrapped)."""
+    path = Path(ckpt_path)
+    if path.is_dir():  # a sharded (FSDP) checkpoint: the strategy reads and checks it
+        return
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - the loader names the problem
+        checkpoint = load_checkpoint_file(path)
+    saved = checkpoint.get(SIGNATURE_KEY) if isinstance(checkpoint, dict) else None
+    if saved is None:
+        state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
+        prefix = "policy.network."
+        network = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if "network" not in signature or not network or any("base_model." in k for k in network):
+            return
+        shapes = {k: (tuple(v.shape), v.dtype) for k, v in network.items()}
+        saved = {"network": network_signature(_ShapesOnly(shapes))}
+        signature = {"network": signature["network"]}
+    differs = _differences({k: saved.get(k, "<not recorded>") for k in signature}, signature, "")
+    if differs:
+        what = "; ".join(d.lstrip(".") for d in differs[:6]) + (f"; and {len(differs) - 6} more" if len(differs) > 6
+                                                                 else "")
+        raise PrefoptError(f"ckpt_path={ckpt_path}: the checkpoint was written by another run: {what}. Resume with "
+                           "the options the run was started with, or start a new run without ckpt_path")
+
+
+class _ShapesOnly(torch.nn.Module):
+    """Stands in for a network in :func:`network_signature` when only names, shapes and dtypes are known."""
+
+    def __init__(self, shapes: dict[str, tuple]):
+        super().__init__()
+        self._shapes = shapes
+
+    def state_dict(self, *args, **kwargs):  # noqa: D102
+        return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in self._shapes.items()}
+
+
+def finished_run_summary(output_dir: Path, ckpt_path: str | None, cfg) -> dict[str, Any] | None:
+    """The summary of the finished run in ``output_dir`` when ``ckpt_path`` resumes it with nothing left to train
+    (its ``last.ckpt`` is at ``trainer.max_epochs`` / ``max_steps`` and ``summary.json`` is there), else None.
+    Resuming a finished run is then a no-op that leaves every file as it was."""
+    import json
+
+    summary = Path(output_dir) / "summary.json"
+    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if not ckpt_path or not summary.is_file() or not last.is_file() or Path(ckpt_path).resolve() != last.resolve():
+        return None
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    trainer = cfg.get("trainer") or {}
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
+    step, epoch = int(checkpoint.get("global_step", 0)), int(checkpoint.get("epoch", -1))
+    done = (max_steps not in (None, -1) and step >= max_steps) or (max_epochs not in (None, -1)
+                                                                   and epoch + 1 >= max_epochs)
+    if not done:
+        return None
+    log.warning("prefopt: the run in %s already finished (epoch %d, step %d); nothing to resume, its files are kept",
+                output_dir, epoch + 1, step)
+    return json.loads(summary.read_text())

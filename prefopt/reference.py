@@ -16,6 +16,7 @@ taking the trained policy as its reference.
 from __future__ import annotations
 
 import copy
+import weakref
 from contextlib import contextmanager
 from typing import Any, Iterable, Mapping
 
@@ -67,6 +68,12 @@ class ReferenceStrategy(nn.Module):
     def after_step(self, policy: PreferencePolicy, step: int) -> None:
         """Called after every optimizer step with the number of steps done so far."""
 
+    def frozen_policy(self, policy: PreferencePolicy) -> PreferencePolicy | None:
+        """The policy as it was when this strategy was attached, built from the weights the strategy already
+        holds (no copy), for judging the trained policy against it; ``None`` when the strategy holds no fixed
+        copy of those weights (the caller then copies ``policy.network`` once)."""
+        return None
+
     def finish(self, policy: PreferencePolicy) -> None:
         """Called when training ends (e.g. to merge LoRA weights into the policy)."""
 
@@ -87,6 +94,9 @@ class CopyReference(ReferenceStrategy):
     def logps(self, policy, samples, draw):
         with eval_mode(self.network):  # Lightning may flip module modes; the reference never drops out
             return policy.log_likelihood(self.network, samples, draw)
+
+    def frozen_policy(self, policy):
+        return policy_view(policy, self.network)
 
 
 class SyncReference(CopyReference):
@@ -112,6 +122,9 @@ class SyncReference(CopyReference):
                 f"a {type(policy.network).__name__} with adapters, whose reference is its base with the adapters "
                 "disabled; use reference=adapter, or give sync a plain (un-wrapped) network")
         super().attach(policy)
+
+    def frozen_policy(self, policy):
+        return None  # the copy moves towards the policy during training
 
     @torch.no_grad()
     def after_step(self, policy, step):
@@ -146,7 +159,7 @@ class AdapterReference(ReferenceStrategy):
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if isinstance(policy.network, PeftModel):
-            return
+            return  # adapters the policy already has: disabling them is not the policy as it is now
         targets = self.targets or list(policy.lora_targets)
         if not targets:
             raise PrefoptError(
@@ -157,6 +170,9 @@ class AdapterReference(ReferenceStrategy):
             policy.network = get_peft_model(policy.network, config)
         except ValueError as err:  # peft: "Target modules ... not found in the base model"
             raise PrefoptError(f"reference.targets={targets}: {err}") from None
+        # new adapters start at zero: disabled, they are the policy as attached (a weak reference, so the
+        # network does not become a submodule of this strategy)
+        self._fresh = weakref.ref(policy.network)
 
     @torch.no_grad()
     def logps(self, policy, samples, draw):
@@ -166,6 +182,50 @@ class AdapterReference(ReferenceStrategy):
     def finish(self, policy):
         if self.merge_on_finish:
             policy.network = policy.network.merge_and_unload()
+
+    def frozen_policy(self, policy):
+        # valid while the base weights stay as attached: adapters this strategy added, never merged into them
+        fresh = getattr(self, "_fresh", None)
+        if fresh is None or fresh() is not policy.network or self.merge_on_finish:
+            return None
+        return policy_view(policy, AdaptersDisabled(policy.network))
+
+
+class AdaptersDisabled(nn.Module):
+    """A peft-wrapped network seen with its adapters disabled: every call of it, or of one of its methods,
+    runs inside ``disable_adapter()``. It holds no weights of its own (the wrapped network is shared)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        with self.model.disable_adapter():
+            return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            value = getattr(self._modules["model"], name)
+        if not callable(value) or isinstance(value, nn.Module):
+            return value
+        model = self._modules["model"]
+
+        def without_adapters(*args, **kwargs):
+            with model.disable_adapter():
+                return value(*args, **kwargs)
+
+        return without_adapters
+
+
+def policy_view(policy: PreferencePolicy, network: nn.Module) -> PreferencePolicy:
+    """``policy`` with ``network`` in place of its own; every other attribute and submodule (a frozen VAE or
+    text encoder, say) is shared with ``policy``, not copied."""
+    view = copy.copy(policy)
+    view._modules = dict(policy._modules)  # the shallow copy shared this dict; the view gets its own
+    view._modules["network"] = network
+    return view
 
 
 class PrecomputedReference(ReferenceStrategy):

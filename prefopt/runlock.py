@@ -149,6 +149,20 @@ except ImportError:  # pragma: no cover - hydra is a core dependency
     _HydraCallback = object
 
 
+def _check_resume_early(folder: Path, config) -> None:
+    """A resume whose loss, reference or domain differ from the checkpoint's is refused here, before Hydra
+    writes the new config over the run's ``.hydra/`` (the network is checked once built, in train)."""
+    from prefopt.checkpoint_io import check_checkpoint_file, check_resume, run_signature
+
+    ckpt = config.get("ckpt_path")
+    if not _resuming(ckpt):
+        return
+    path = folder / "checkpoints" / "last.ckpt" if str(ckpt) == "last" else Path(str(ckpt))
+    if path.is_file():  # a missing one is named by train
+        check_checkpoint_file(path)
+        check_resume(path, run_signature(config))
+
+
 class RunFolderCallback(_HydraCallback):
     """Hydra callback (``hydra.callbacks.run_folder`` in ``conf/hydra/default.yaml``): in a single run, lock
     ``hydra.run.dir`` and refuse to overwrite a finished run before Hydra saves the config into it; the lock is
@@ -167,6 +181,7 @@ class RunFolderCallback(_HydraCallback):
             acquire(folder)
             self._folder = folder
             check_not_finished(folder, config.get("ckpt_path"), config.get("overwrite", False))
+            _check_resume_early(folder, config)
         except PrefoptError as err:  # Hydra turns a callback's Exception into a warning: leave here, as the CLI does
             if self._folder is not None:
                 release(folder)

@@ -20,17 +20,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.atomic import atomic_write
 from prefopt.cache import cached_tensors
-from prefopt.checkpoint_io import KeepLogsWithCheckpoints, check_checkpoint_file
+from prefopt.checkpoint_io import KeepLogsWithCheckpoints, RecordRunSignature, check_checkpoint_file, check_resume, \
+    finished_run_summary, run_signature
 from prefopt.data.pairs import TensorPairs
+from prefopt.degenerate import check_pairs
 from prefopt.distributed import is_fsdp, unwrapped_policy
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.feedback.train import (check_loss as check_feedback_loss, feedback_config, module_class, round_dataloader,
                                    round_feedback)
 from prefopt.losses import LOSS_ALIASES
 from prefopt.module import NONFINITE_MODES, PreferenceModule, check_loss_reference, loss_config
-from prefopt.reference import ReferenceStrategy, make_reference
+from prefopt.reference import ReferenceStrategy, make_reference, policy_view
 from prefopt.runlock import check_not_finished, hold_run_folder
 from prefopt.tasks.base import Task
+from prefopt.validation import summary_json, validate_options
 
 
 def _container(node) -> Any:
@@ -126,12 +129,17 @@ def validate_config(cfg: DictConfig) -> ReferenceStrategy:
     built on a dummy parameter. Every failure is a PrefoptError naming the option. Returns the reference
     strategy (unattached), whose capability flags the task is told about.
     """
+    validate_options(cfg)  # types, ranges and paths of the generic options (prefopt.validation)
     try:
         seed = int(str(cfg.seed))
     except ValueError:
         raise PrefoptError(f"seed={cfg.seed!r} is not supported; allowed: an integer") from None
     del seed
     check_choice("nonfinite", cfg.get("nonfinite", "raise"), NONFINITE_MODES)
+    threads = cfg.get("torch_threads", None)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise PrefoptError(f"torch_threads={threads!r} is not supported; allowed: an integer >= 1, or null "
+                           "(torch's default)")
     if not isinstance(cfg.get("disable_dropout", True), bool):
         raise PrefoptError(f"disable_dropout={cfg.disable_dropout!r} is not supported; allowed: true, false")
     loss = _container(cfg.loss)
@@ -189,6 +197,18 @@ def build_module(cfg: DictConfig, policy, round_index: int = 0) -> PreferenceMod
                             disable_dropout=cfg.get("disable_dropout", True))
 
 
+def frozen_baseline(module: PreferenceModule, fsdp: bool = False):
+    """The policy before training, for evaluation: a view of the reference weights the module's strategy
+    already holds (``copy``: its frozen copy; ``adapter``: the network with its new adapters disabled), so
+    each frozen weight is held once; otherwise (``sync``, ``precomputed``, ``none``, or FSDP, which wraps the
+    networks in place) the policy with a frozen copy of its ``network`` only (frozen parts such as a VAE or a
+    text encoder are shared). Call it before training."""
+    view = None if fsdp else module.reference.frozen_policy(module.policy)
+    if view is None:
+        view = policy_view(module.policy, copy.deepcopy(module.policy.network).requires_grad_(False).eval())
+    return view
+
+
 def build_trainer(cfg: DictConfig, output_dir: Path, round_index: int, resuming: bool = False) -> L.Trainer:
     """The round's trainer. It always gets :class:`~prefopt.checkpoint_io.KeepLogsWithCheckpoints`, which
     keeps the logs in step with the checkpoints (and, when ``resuming``, keeps the rows logged before)."""
@@ -235,11 +255,20 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     strategy = validate_config(cfg)
     ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"), output_dir / "checkpoints")
+    if ckpt_path:  # the loss, reference, domain of the checkpoint's run, before anything is built
+        check_resume(ckpt_path, run_signature(cfg))
+        if (done := finished_run_summary(output_dir, ckpt_path, cfg)) is not None:
+            return done  # resuming a finished run changes nothing
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    if cfg.get("torch_threads") is not None:  # the run's one thread policy, before any model is built
+        torch.set_num_threads(int(cfg.torch_threads))
     task: Task = _instantiate(cfg.domain.task, "domain.task")
     task.use_reference(strategy)
     policy = task.build_policy()
-    reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    baseline = None  # the policy before any training, which evaluate() judges against (made in round 0)
+    signature = run_signature(cfg, policy.network)  # saved in every checkpoint; a resume must match it
+    if ckpt_path:
+        check_resume(ckpt_path, signature)
     if ckpt_path and task.rounds > 1:
         raise PrefoptError(f"ckpt_path resumes single-round runs only; this task has rounds={task.rounds}")
 
@@ -249,17 +278,21 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         pairs_only = feedback_config(cfg).kind == "pairs"
         pairs = round_pairs(cfg, task, policy, round_index, strategy) if pairs_only else round_feedback(
             cfg, task, policy, round_index)
+        check_pairs(pairs, f"round {round_index} pairs")  # all identical or ties: refused before training
         val = task.val_pairs() if pairs_only else None
         module = build_module(cfg, policy, round_index)
         trainer = build_trainer(cfg, output_dir, round_index, resuming=bool(ckpt_path))
+        trainer.callbacks.append(RecordRunSignature(signature))
         plain = copy.deepcopy(module.policy) if is_fsdp(trainer) else None  # FSDP wraps the networks in place
+        if baseline is None:
+            baseline = frozen_baseline(module, fsdp=plain is not None)
         trainer.fit(module, train_dataloaders=round_dataloader(cfg, task, pairs),
                     val_dataloaders=task.dataloader(val, train=False) if val is not None else None,
                     ckpt_path=ckpt_path, weights_only=True)
         policy = module.policy if plain is None else unwrapped_policy(trainer, plain)
         train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                          if k.startswith(("train/", "val/"))}
-        result = task.evaluate(reference, policy, output_dir, round_index)
+        result = task.evaluate(baseline, policy, output_dir, round_index)
         rounds.append({"round": round_index, "num_pairs": len(pairs), **result})
 
     summary = {
@@ -274,7 +307,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "rounds": rounds,
     }
     if rank_zero_only.rank == 0:  # under DDP every rank has the same result; one writes it
-        atomic_write(output_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+        atomic_write(output_dir / "summary.json", summary_json(summary))  # strict JSON: NaN -> null
         export_policy(policy, output_dir / "policy.safetensors")
         # Kept out of summary.json so that one config and seed always give the same summary.
         timing = {"wall_time_s": round(time.perf_counter() - started, 2)}

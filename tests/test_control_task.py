@@ -52,7 +52,17 @@ def _task(tmp_path, **options):
 
 
 def test_end_to_end_pendulum_writes_summary_plot_and_weights(tmp_path):
-    summary = train(_cfg(tmp_path))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        from hydra.utils import instantiate as build
+
+        build(_cfg(tmp_path).domain.task)  # constructing a task has no side effect on torch's threads
+        assert torch.get_num_threads() == 2
+        summary = train(_cfg(tmp_path))  # the run's torch_threads (default 1) is applied once, by train
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     run = tmp_path / "run"
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["eval"] == summary["eval"]

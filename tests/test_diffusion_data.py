@@ -1,10 +1,9 @@
-"""Diffusion user data: Pick-a-Pic parquet / datasets folder / images + CSV, and a tiny Stable Diffusion
-pipeline saved to tmp_path that loads through the real loading path and trains a few steps."""
+"""Diffusion user data: Pick-a-Pic parquet / datasets folder / images + CSV (the pipelines that train on it:
+tests/test_diffusion_pipelines.py)."""
 
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ import torch
 
 from prefopt.errors import PrefoptError
 from prefopt.tasks.diffusion.data import ImagePairs, load_pipeline, load_preference_images
-from prefopt.train import train
 
 pytest.importorskip("diffusers")
 torch.set_num_threads(1)
@@ -121,72 +119,3 @@ def test_parquet_errors(tmp_path):
         load_preference_images(tmp_path / "nothing.parquet")
     with pytest.raises(PrefoptError, match="model_index.json"):
         load_pipeline(tmp_path)
-
-
-# ------------------------------------------------------------------------------ tiny SD pipeline
-def byte_chars() -> list[str]:
-    """The 256 printable stand-ins of byte-level BPE (GPT-2/CLIP convention)."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
-
-def save_tiny_sd(path: Path) -> Path:
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    words = path / "tokenizer_files"
-    words.mkdir(parents=True)
-    chars = byte_chars()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
-    (words / "vocab.json").write_text(json.dumps(vocab))
-    (words / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer.from_pretrained(str(words), model_max_length=12)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=514, hidden_size=16, intermediate_size=32,
-                                                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=12,
-                                                bos_token_id=512, eos_token_id=513, pad_token_id=513))
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                                attention_head_dim=4, norm_num_groups=4)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=4, sample_size=16, layers_per_block=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDPMScheduler(num_train_timesteps=100, clip_sample=False, steps_offset=1),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(str(path / "sd"))
-    return path / "sd"
-
-
-def test_tiny_stable_diffusion_trains_on_pickapic_parquet(tmp_path, make_config):
-    pipe_dir = save_tiny_sd(tmp_path / "models")
-    write_pickapic(tmp_path / "prefs.parquet", n=8)
-    cfg = make_config("experiment=diffusion_pickapic", f"domain.task.pretrained={pipe_dir}",
-                      f"domain.task.data={tmp_path / 'prefs.parquet'}", "domain.task.batch_size=2",
-                      "domain.task.val_fraction=0.25", "domain.task.num_samples=2", "domain.task.sample_steps=2",
-                      "domain.task.eval_draws=2", "domain.task.eval_reward=jpeg_compressibility",
-                      "trainer.max_epochs=1", "optimizer.lr=1e-2")
-    summary = train(cfg)
-    run = Path(cfg.paths.output_dir)
-    ev = summary["eval"]
-    assert summary["reference"] == "adapter" and summary["domain"] == "diffusion_pickapic"
-    assert ev["num_pairs"] == 6 and ev["num_eval_pairs"] == 2
-    assert 0.0 <= ev["implicit_reward_accuracy"] <= 1.0 and 0.0 <= ev["policy"]["preference_accuracy"] <= 1.0
-    assert 0.0 <= ev["sample_win_rate"] <= 1.0 and len(ev["prompts"]) == 2
-    assert (run / ev["grid"]).is_file() and (run / ev["grid"]).read_bytes()[:4] == b"\x89PNG"
-    assert summary["train"]["train/loss"] > 0
-    # the exported policy is the loaded UNet with trained LoRA merged into the attention projections only
-    from diffusers import UNet2DConditionModel
-    from safetensors import safe_open
-
-    base = UNet2DConditionModel.from_pretrained(str(pipe_dir / "unet")).state_dict()
-    with safe_open(str(run / "policy.safetensors"), "pt") as handle:
-        assert handle.metadata()["format"] == "merged-lora"
-        trained = {k: handle.get_tensor(k) for k in handle.keys()}
-    assert set(trained) == set(base)
-    changed = {k for k in base if not torch.equal(base[k], trained[k])}
-    assert changed and all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out.0")) for k in changed)

@@ -56,10 +56,10 @@ def test_flow_base_is_deterministic_and_sees_its_class_in_train_mode(tmp_path):
     from prefopt.tasks.diffusion.flow_digits import FlowDigitsDiffusionTask
 
     task = FlowDigitsDiffusionTask(base={"num_layers": 1, "num_attention_heads": 2}, cache_dir=str(tmp_path))
-    network = task.build_network().train()
+    network = task.make_policy(task.build_network()).network.train()
     x, t = torch.randn(64, 1, 8, 8), torch.full((64,), 500.0)
     labels = torch.arange(64) % 10
-    with torch.no_grad():  # diffusers' DiT drops 10% of the labels in train mode; the task switches that off
+    with torch.no_grad():  # diffusers' DiT drops 10% of the labels in train mode; the adapter switches that off
         first, second = network(x, t, class_labels=labels).sample, network(x, t, class_labels=labels).sample
     assert torch.equal(first, second)
     # the base model's cache key holds every base option (and differs from the DDPM digits model's)

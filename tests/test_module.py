@@ -233,3 +233,27 @@ def test_precomputed_cache_is_restored_on_resume_not_recomputed(tmp_path):
                                optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
     trainer(2).fit(resumed, loader(make_pairs()), ckpt_path=str(tmp_path / "last.ckpt"))
     assert torch.equal(resumed.reference.cache, cache)
+
+
+@pytest.mark.parametrize("reference", ["copy", {"name": "adapter", "rank": 4}, {"name": "sync", "sync_every": 1}])
+def test_frozen_baseline_holds_no_second_copy_and_scores_the_untrained_policy(reference):
+    from prefopt.train import frozen_baseline
+
+    policy = make_policy()
+    untouched = make_policy()  # the same seed: the policy before training
+    module = PreferenceModule(policy, loss=SIGMOID, reference=reference,
+                              optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
+    baseline = frozen_baseline(module)
+    shared = {id(p) for p in module.parameters()}
+    own = [p for p in baseline.parameters() if id(p) not in shared]
+    name = reference if isinstance(reference, str) else reference["name"]
+    # copy: the strategy's frozen copy; adapter: the network with its adapters disabled; sync: one copy
+    assert sum(p.numel() for p in own) == (sum(p.numel() for p in untouched.parameters()) if name == "sync" else 0)
+    trainer(2).fit(module, loader(make_pairs()))
+    batch = policy.concatenate(next(iter(loader(make_pairs(), batch_size=8))))
+    draw = policy.draw(batch, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = untouched.log_likelihood(untouched.network, batch, draw)
+        torch.testing.assert_close(baseline.log_likelihood(baseline.network, batch, draw), expected)
+        assert not torch.allclose(policy.log_likelihood(policy.network, batch, draw), expected)  # it trained
+    assert baseline.network is not policy.network

@@ -224,6 +224,8 @@ BAD_INPUTS: list[BadInput] = [
              names=("reference=adapter", "lora_targets")),
     # ---- run options
     config_case("unknown nonfinite mode", "nonfinite=ignore", names=("nonfinite='ignore'", "raise", "skip")),
+    config_case("zero torch threads", "torch_threads=0", names=("torch_threads=0", "integer >= 1")),
+    config_case("disable_dropout not a bool", "disable_dropout=maybe", names=("disable_dropout='maybe'", "true")),
     config_case("seed that is not an integer", "seed=abc", names=("seed='abc'", "integer")),
     config_case("negative learning rate", "optimizer.lr=-1", names=("optimizer", "learning rate: -1")),
     # ---- teacher and task options

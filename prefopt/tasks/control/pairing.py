@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from prefopt.errors import PrefoptError
+from prefopt.tasks.control.adapt import BranchingImpossible
 from prefopt.tasks.control.rollouts import Rollouts, rollout
 
 
@@ -117,10 +118,9 @@ def branch_pairs(envs, act, num_pairs: int, seed_base: int, generator: torch.Gen
         b = {k: window(getattr(data, k), 1) for k in ("obs", "actions", "rewards", "mask")}
         both = a["mask"][:, 0] & b["mask"][:, 0]
         if both.any() and not torch.allclose(a["obs"][both, 0], b["obs"][both, 0], atol=1e-5, rtol=1e-5):
-            raise PrefoptError(
+            raise BranchingImpossible(
                 f"pairing=branch: {env_id} is not deterministic given its reset seed and actions (two "
-                "episodes with the same seed and the same actions reached different states); use "
-                "pairing=same_start or random")
+                "episodes with the same seed and the same actions reached different states)")
         parts_a.append({k: v[both] for k, v in a.items()})
         parts_b.append({k: v[both] for k, v in b.items()})
     a = {k: torch.cat([p[k] for p in parts_a]) for k in parts_a[0]}

@@ -52,6 +52,7 @@ from prefopt.data.teachers import ScriptedTeacher, to_pairs
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.reference import eval_mode
 from prefopt.tasks.base import Task
+from prefopt.tasks.control.adapt import BranchingImpossible, behaviour_fits, notice, segment_plan
 from prefopt.tasks.control.behaviours import resolve_behaviour
 from prefopt.tasks.control.cloning import clone_behaviour
 from prefopt.tasks.control.evaluation import compare_returns, episode_returns, teacher_agreement
@@ -65,7 +66,7 @@ BASE_KINDS = ("bc", "checkpoint", "scratch")
 PAIRINGS = ("branch", "same_start", "random")
 
 # seed streams (kept far apart so that no two purposes share reset seeds)
-_STREAM_BEHAVIOUR, _STREAM_HELDOUT, _STREAM_ROUND = 1 << 20, 2 << 20, 3 << 20
+_STREAM_BEHAVIOUR, _STREAM_HELDOUT, _STREAM_ROUND, _STREAM_PROBE = 1 << 20, 2 << 20, 3 << 20, 4 << 20
 
 
 def _plain(value):
@@ -103,7 +104,6 @@ class ControlTask(Task):
         offline: ``null`` or ``{path, split, num_pairs}``: the first round trains on this dataset.
         validate: also return the held-out pairs as Lightning validation data (``val/*`` metrics).
         train_log_std: let DPO change the Gaussian's log standard deviation (default: only the mean).
-        torch_threads: ``torch.set_num_threads`` for the run (``null`` leaves torch's default).
     """
 
     name = "control"
@@ -116,7 +116,7 @@ class ControlTask(Task):
                  num_heldout: int = 256, collect_steps: int | None = None, teacher: Mapping[str, Any] | None = None,
                  rounds: int = 1, batch_size: int = 64, eval_episodes: int = 50, eval_seed: int = 1_000_000,
                  eval_deterministic: bool = True, offline: Mapping[str, Any] | None = None, validate: bool = True,
-                 train_log_std: bool = False, torch_threads: int | None = 1, seed: int = 0,
+                 train_log_std: bool = False, seed: int = 0,
                  cache_dir: str | os.PathLike | None = None):
         check_choice("domain.task.pairing", pairing, PAIRINGS)
         for option, value, low in (("segment_length", segment_length, 1), ("num_pairs", num_pairs, 1),
@@ -159,12 +159,11 @@ class ControlTask(Task):
                 raise PrefoptError(f"domain.task.offline={self.offline}: needs 'path' (a .npz file or a datasets "
                                    "folder) and may have 'split' and 'num_pairs'")
         self.validate, self.train_log_std, self.seed = bool(validate), bool(train_log_std), int(seed)
-        if torch_threads:
-            # tiny MLPs run fastest on one thread (several threads cost 10x or more on a busy CPU)
-            torch.set_num_threads(int(torch_threads))
         self.cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "prefopt"
         self._envs = None
         self._heldout: TensorPairs | None = None
+        self._behaviour: tuple[str, dict[str, Any]] | None = None  # the behaviour, checked against the env
+        self._branch_limit: int | None = None  # branch points lie in [0, this - segment_length]
         self._reference_returns: torch.Tensor | None = None
         self._history: list[dict[str, float]] = []
 
@@ -204,8 +203,23 @@ class ControlTask(Task):
         if not self.train_log_std and isinstance(getattr(network, "log_std", None), torch.nn.Parameter):
             network.log_std.requires_grad_(False)  # DPO moves the mean; exploration noise stays as set
         policy = self._wrap(network)
+        self.fit_segments(policy)
         self.heldout_pairs(policy)
         return policy
+
+    def fit_segments(self, policy: ControlPolicy) -> None:
+        """Segment length and branch points that fit the episodes ``policy`` runs (one probe batch of stochastic
+        episodes from the base seed, so every run seed of a sweep gets the same plan); see
+        :func:`~prefopt.tasks.control.adapt.segment_plan`."""
+        seeds = [_STREAM_PROBE + int(self.base["seed"]) * 10_007 + i for i in range(self.num_envs)]
+        probe = rollout(self.envs, policy_actor(policy, deterministic=False), seeds, self.episode_limit(),
+                        desc="episode lengths", torch_seed=_STREAM_PROBE + int(self.base["seed"]))
+        plan = segment_plan(probe.mask.sum(-1).numpy(), self.segment_length, self.episode_limit(), self.env_id)
+        self.segment_length, self._branch_limit = plan.segment_length, plan.limit
+        if self.explore_steps and self.explore_steps > self.segment_length:
+            notice(f"explore_steps={self.explore_steps} > segment_length={self.segment_length}; "
+                   f"explore_steps={self.segment_length} is used")
+            self.explore_steps = self.segment_length
 
     def behaviour_data(self) -> dict[str, torch.Tensor]:
         """Rollouts of the behaviour policy (cached): ``obs``, ``actions``, ``mask``, ``returns``."""
@@ -230,14 +244,23 @@ class ControlTask(Task):
     def behaviour_spec(self) -> tuple[str, dict[str, Any]]:
         """``(kind, options)`` of the behaviour: ``base.behaviour`` names it and ``base.behaviours[kind]``
         holds its options (one entry per behaviour, so switching is one override); a mapping
-        ``{kind: ..., <options>}`` in ``base.behaviour`` works too."""
-        behaviour = self.base["behaviour"]
-        if isinstance(behaviour, Mapping):
-            options = dict(behaviour)
-            return str(options.pop("kind", "random")), options
-        options = dict((self.base.get("behaviours") or {}).get(behaviour) or {})
-        return str(behaviour), options
-
+        ``{kind: ..., <options>}`` in ``base.behaviour`` works too. A behaviour that does not fit the env's
+        spaces (``pendulum_energy`` on CartPole) is replaced by random actions, with a notice."""
+        if self._behaviour is None:
+            behaviour = self.base["behaviour"]
+            if isinstance(behaviour, Mapping):
+                options = dict(behaviour)
+                kind = str(options.pop("kind", "random"))
+            else:
+                kind, options = str(behaviour), dict((self.base.get("behaviours") or {}).get(behaviour) or {})
+            why = behaviour_fits(resolve_behaviour(kind), options, self.envs.single_observation_space,
+                                 self.envs.single_action_space, seed=int(self.base["seed"]))
+            if why is not None and kind != "random":
+                notice(f"base.behaviour={kind!r} does not fit {self.env_id} ({why}); the base policy clones "
+                       "random actions instead")
+                kind, options = "random", {}
+            self._behaviour = (kind, options)
+        return self._behaviour[0], dict(self._behaviour[1])
 
     # ------------------------------------------------------------------------------------ pairs
     def collect_pairs(self, policy: ControlPolicy, num_pairs: int, stream: int, desc: str,
@@ -255,7 +278,13 @@ class ControlTask(Task):
         b_parts: list[dict] = []
         have, batch_index, empty = 0, 0, 0
         while have < num_pairs:
-            a, b = collect(act, num_pairs - have, stream * 1_000_003 + batch_index * 100_003, generator, desc)
+            try:
+                a, b = collect(act, num_pairs - have, stream * 1_000_003 + batch_index * 100_003, generator, desc)
+            except BranchingImpossible as err:
+                notice(f"{err}; pairs are windows of two episodes from one reset seed instead "
+                       "(pairing=same_start)")
+                self.pairing, self.explore_steps = "same_start", None
+                return self.collect_pairs(policy, num_pairs, stream, desc, teacher)
             have += a["mask"].shape[0]
             empty = empty + 1 if a["mask"].shape[0] == 0 else 0
             if empty >= 5:
@@ -290,12 +319,13 @@ class ControlTask(Task):
 
     def _window_pairs(self, act, num_pairs, seed_base, generator, desc):
         return window_pairs(self.envs, act, num_pairs, seed_base, generator, desc, pairing=self.pairing,
-                            segment_length=self.segment_length, episode_limit=self.episode_limit(),
+                            segment_length=self.segment_length, episode_limit=self._branch_limit or self.episode_limit(),
                             collect_steps=self.collect_steps)
 
     def _branch_pairs(self, act, num_pairs, seed_base, generator, desc):
         return branch_pairs(self.envs, act, num_pairs, seed_base, generator, desc, segment_length=self.segment_length,
-                            episode_limit=self.episode_limit(), explore_steps=self.explore_steps, env_id=self.env_id)
+                            episode_limit=self._branch_limit or self.episode_limit(), explore_steps=self.explore_steps,
+                            env_id=self.env_id)
 
     def pairs(self, policy: ControlPolicy, round_index: int):
         if round_index == 0 and self.offline is not None:

@@ -222,9 +222,6 @@ class DigitsDiffusionTask(Task):
             (``example`` exactly when the reference strategy ``needs_fixed_draw``, see :meth:`use_reference`).
         likelihood_scale: see :mod:`prefopt.adapters.diffusion` (1 = the diffusers script's beta).
         draws_per_pair: ``(t, noise)`` draws averaged per pair in the surrogate (the adapter's ``K``).
-        torch_threads: ``torch.set_num_threads`` for the run (``None`` leaves torch's default). The models
-            are so small that one thread loses little, while several threads on a busy shared CPU can be
-            many times slower than one (oversubscription).
     """
 
     name = "diffusion_digits"
@@ -237,7 +234,7 @@ class DigitsDiffusionTask(Task):
                  eval_per_class: int = 50, grid_per_class: int = 8, batch_size: int = 64, rounds: int = 1,
                  teacher: Mapping[str, Any] | None = None, draw: str = "auto",
                  likelihood_scale: float = 1.0, draws_per_pair: int = 1, seed: int = 0,
-                 cache_dir: str | None = None, torch_threads: int | None = None):
+                 cache_dir: str | None = None):
         check_choice("domain.task.reward", reward, REWARDS)
         eval_reward = eval_reward or HELD_OUT[reward]
         check_choice("domain.task.eval_reward", eval_reward, REWARDS)
@@ -250,10 +247,6 @@ class DigitsDiffusionTask(Task):
                             ("batch_size", batch_size), ("rounds", rounds), ("draws_per_pair", draws_per_pair)):
             if int(value) < 1:
                 raise PrefoptError(f"domain.task.{name}={value!r} must be an integer >= 1")
-        if torch_threads is not None:
-            if int(torch_threads) < 1:
-                raise PrefoptError(f"domain.task.torch_threads={torch_threads!r} must be an integer >= 1 or null")
-            torch.set_num_threads(int(torch_threads))
         self.image_size, self.reward_name, self.eval_reward_name = int(image_size), reward, eval_reward
         self.base_config = {**self.base_defaults, **dict(base or {})}
         self.base_config = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.base_config.items()}

@@ -13,8 +13,8 @@ held-out judge, win rate, realism guard and titled grid) with another base model
   images for the reference and the policy).
 
 The DiT's class embedding drops labels at random in training mode (diffusers' built-in 10% for
-classifier-free guidance); that dropout is switched off here, so the policy and the reference see the same
-class in every forward (the null-class row of the embedding table stays unused).
+classifier-free guidance); the adapter switches that off (base training goes through it too), so the
+policy and the reference see the same class in every forward.
 """
 
 from __future__ import annotations
@@ -47,15 +47,11 @@ _DIT_KEYS = ("num_attention_heads", "attention_head_dim", "num_layers", "patch_s
 
 
 def build_dit(config: Mapping[str, Any], image_size: int) -> nn.Module:
-    """The class-conditional ``DiTTransformer2DModel`` of ``config``, with label dropout off."""
+    """The class-conditional ``DiTTransformer2DModel`` of ``config``."""
     from diffusers import DiTTransformer2DModel
 
-    network = DiTTransformer2DModel(in_channels=1, sample_size=image_size, num_embeds_ada_norm=NUM_CLASSES,
-                                    **{k: int(config[k]) for k in _DIT_KEYS})
-    for module in network.modules():
-        if hasattr(module, "embedding_table") and hasattr(module, "dropout_prob"):  # diffusers' LabelEmbedding
-            module.dropout_prob = 0.0
-    return network
+    return DiTTransformer2DModel(in_channels=1, sample_size=image_size, num_embeds_ada_norm=NUM_CLASSES,
+                                 **{k: int(config[k]) for k in _DIT_KEYS})
 
 
 def build_flow_scheduler(config: Mapping[str, Any]):
