@@ -157,7 +157,7 @@ def test_branched_pairs_share_a_start_and_differ_after_it(tmp_path, monkeypatch)
     task = ChoraleTask(pairing="branched", samples_per_prompt=4, max_new_tokens=6, cache_dir=str(tmp_path))
     calls = []
 
-    def fake_continue(policy, prompts, seed):
+    def fake_continue(policy, prompts, seed, label=""):
         calls.append([list(p) for p in prompts])
         if len(calls) == 1:  # trunks: 5 notes and EOS
             return [[10, 11, 12, 13, 14, EOS] for _ in prompts]
