@@ -249,7 +249,7 @@ def finished_run_summary(output_dir: Path, ckpt_path: str | None, cfg) -> dict[s
     last = Path(output_dir) / "checkpoints" / "last.ckpt"
     if not ckpt_path or not summary.is_file() or not last.is_file() or Path(ckpt_path).resolve() != last.resolve():
         return None
-    checkpoint = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = load_checkpoint_file(last)  # read whole: a damaged checkpoint is named even when nothing is left
     trainer = cfg.get("trainer") or {}
     max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
     step, epoch = int(checkpoint.get("global_step", 0)), int(checkpoint.get("epoch", -1))
