@@ -171,8 +171,7 @@ def _missing_module(err: BaseException) -> str | None:
 # --------------------------------------------------------------------------------- configuration mistakes
 def _closest(word: str, choices, n: int = 3) -> list[str]:
     choices = sorted({str(c) for c in choices})
-    close = difflib.get_close_matches(word, choices, n=n, cutoff=0.6)
-    return close or difflib.get_close_matches(word, choices, n=n, cutoff=0.3)
+    return difflib.get_close_matches(word, choices, n=n, cutoff=0.6)  # a weak match misleads: list them all
 
 
 def _suggest(word: str, choices) -> str:
