@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 from filelock import FileLock, Timeout
 
+from prefopt.atomic import atomic_write
 from prefopt.errors import PrefoptError
 
 LOCK_NAME = ".prefopt-run.lock"
@@ -84,9 +85,7 @@ def acquire(folder: Path) -> None:
     _held[folder] = [lock, 1]
     holder = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": datetime.datetime.now().isoformat(sep=" ", timespec="seconds")}
-    tmp = folder / f".{HOLDER_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(holder))
-    os.replace(tmp, folder / HOLDER_NAME)
+    atomic_write(folder / HOLDER_NAME, json.dumps(holder))
 
 
 def release(folder: Path) -> None:
