@@ -64,6 +64,14 @@ def test_smoke_peak_memory_is_measured_in_a_subprocess_per_variant(tmp_path):
         assert isinstance(v["peak_mib"], float) and v["peak_mib"] > 0
 
 
+def check_variants(variants, names, memory=True):
+    assert set(variants) == set(names)
+    for v in variants.values():
+        assert v["seconds_per_step"] > 0 and v["ratio"] > 0 and len(v["repeats"]) == 1
+        if memory:
+            assert "peak_mib" in v
+
+
 def test_smoke_run_writes_every_benchmark(tmp_path):
     out = tmp_path / "results.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -94,13 +102,6 @@ def test_smoke_run_writes_every_benchmark(tmp_path):
         assert {"ratio", "target", "met", "trl_version"} <= set(trl)
     else:
         assert trl["status"] == "skipped"
-
-    def check_variants(variants, names, memory=True):
-        assert set(variants) == set(names)
-        for v in variants.values():
-            assert v["seconds_per_step"] > 0 and v["ratio"] > 0 and len(v["repeats"]) == 1
-            if memory:
-                assert "peak_mib" in v
 
     check_variants(bench["diffusion_script"]["variants"], {"script", "prefopt"})
     assert bench["diffusion_script"]["variants"]["script"]["ratio"] == 1.0
