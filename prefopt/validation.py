@@ -70,8 +70,10 @@ TRAINER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 #: sizes of a task (any domain): a positive integer where set (null keeps the task's default behaviour)
-POSITIVE_SIZES = ("num_pairs", "num_eval", "batch_size", "rounds", "num_heldout", "eval_episodes", "eval_samples",
+POSITIVE_SIZES = ("num_pairs", "num_eval", "batch_size", "rounds", "eval_episodes", "eval_samples",
                   "samples_per_prompt", "num_envs", "group_size", "segment_length")
+#: sizes where 0 means "none" (``num_heldout=0``: no held-out pairs for the agreement metric)
+COUNTS = ("num_heldout",)
 
 
 #: path options that name a folder whatever their suffix (``model_path``: a ``save_pretrained`` folder)
@@ -217,6 +219,8 @@ def validate_options(cfg: DictConfig) -> None:
             continue
         if name in POSITIVE_SIZES and not (_is_int(value) and value >= 1):
             _refuse(key, value, "an integer >= 1")
+        elif name in COUNTS and not (_is_int(value) and value >= 0):
+            _refuse(key, value, "an integer >= 0 (0: none)")
         elif name == "seed" or name.endswith("_seed"):
             check_seed(key, value)
         elif name in ("path", "file") or name.endswith(("_path", "_file", "_folder")):

@@ -298,6 +298,8 @@ BAD_RUNS = [
     BadRun("num_pairs zero", ("domain.task.num_pairs=0",), ("domain.task.num_pairs=0", ">= 1")),
     BadRun("num_pairs a boolean", ("domain.task.num_pairs=true",), ("domain.task.num_pairs=True",)),
     BadRun("num_eval zero", ("domain.task.num_eval=0",), ("domain.task.num_eval=0",)),
+    BadRun("num_heldout negative (0 means none)", ("++domain.task.num_heldout=-1",),
+           ("domain.task.num_heldout=-1", ">= 0")),
     BadRun("batch_size zero", ("domain.task.batch_size=0",), ("domain.task.batch_size=0",)),
     BadRun("batch_size a fraction", ("domain.task.batch_size=2.5",), ("domain.task.batch_size=2.5",)),
     BadRun("rounds zero", ("domain.task.rounds=0",), ("domain.task.rounds=0",)),
