@@ -256,16 +256,22 @@ class HandLoop:
         return intervals(stamps)
 
 
+def _frozen_with_lora(network):
+    """The scripts' setup: the frozen UNet on the device with a trainable LoRA on its attention projections."""
+    from peft import LoraConfig
+
+    unet = network.to(device()).requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    return unet
+
+
 class DiffusionScriptLoop:
     """The training step of diffusers' ``train_diffusion_dpo.py``, as a plain loop on the same UNet and batch."""
 
     def __init__(self, network, pairs: TensorPairs, batch_size: int, beta: float, lr: float = 1e-4,
                  weight_decay: float = 0.01):
-        from peft import LoraConfig
-
-        self.unet = network.to(device()).requires_grad_(False)
-        self.unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
-                                         target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        self.unet = _frozen_with_lora(network)
         self.scheduler = ddpm()
         self.batches = batches_of(pairs, batch_size)
         self.beta, self.lr, self.weight_decay = beta, lr, weight_decay
@@ -319,11 +325,7 @@ class FlowScriptLoop:
     def __init__(self, network, pairs: TensorPairs, batch_size: int, beta: float, lr: float = 1e-4,
                  weight_decay: float = 0.01):
         from diffusers.training_utils import compute_density_for_timestep_sampling
-        from peft import LoraConfig
-
-        self.unet = network.to(device()).requires_grad_(False)
-        self.unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
-                                         target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        self.unet = _frozen_with_lora(network)
         scheduler = flow_scheduler()
         self.timesteps, self.sigmas = scheduler.timesteps.to(device()), scheduler.sigmas.to(device())
         self.density = compute_density_for_timestep_sampling
