@@ -104,12 +104,26 @@ TINY = ["domain=sequence", "domain.task.limit=14", "domain.task.eval_fraction=0.
         "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
 
 
-def test_chorale_task_runs_end_to_end_and_reuses_its_caches(make_config):
+def test_chorale_task_runs_end_to_end_and_reuses_its_caches(make_config, monkeypatch):
     from prefopt.cache import BUILD_COUNTS
+    from prefopt.tasks.sequence.task import ChoraleTask
     from prefopt.train import train
 
+    sampled = []  # the progress label of every sampling call
+    original = ChoraleTask.continue_prompts
+
+    def counting(self, policy, prompts, seed, label="sampling continuations"):
+        sampled.append(label)
+        return original(self, policy, prompts, seed, label)
+
+    monkeypatch.setattr(ChoraleTask, "continue_prompts", counting)
     cfg = make_config(*TINY)
     summary = train(cfg)
+    # the frozen reference is sampled for evaluation once, not once per round: every round judges the policy
+    # against the same reference samples (same model, same seeds)
+    assert sampled.count("evaluation: reference samples") == 1
+    assert sampled.count("evaluation: policy samples") == 2
+    assert summary["rounds"][0]["reference"] == summary["rounds"][1]["reference"]
     run = Path(cfg.paths.output_dir)
     result = summary["eval"]
     assert summary["domain"] == "sequence" and 0.0 <= result["win_rate"] <= 1.0
@@ -140,6 +154,17 @@ def test_chorale_task_runs_end_to_end_and_reuses_its_caches(make_config):
         assert BUILD_COUNTS[kind] == counts.get(kind, 0)
 
 
+def test_parsing_in_two_processes_gives_the_tokens_of_one_and_keeps_the_order():
+    from prefopt.tasks.sequence.chorales import parse_chorales
+
+    tok = ChoraleTokenizer()
+    paths = chorale_paths()[:6]
+    serial = parse_chorales(paths, tok, prompt_bars=2, workers=1)
+    assert serial == [parse_chorale(p, tok, prompt_bars=2) for p in paths]
+    assert sum(r is not None for r in serial) >= 4
+    assert parse_chorales(paths, tok, prompt_bars=2, workers=2) == serial
+
+
 def test_chorale_task_options_are_checked(tmp_path):
     from prefopt.tasks.sequence.task import ChoraleTask
 
@@ -149,6 +174,8 @@ def test_chorale_task_options_are_checked(tmp_path):
         ChoraleTask(eval_fraction=0.6, prompt_fraction=0.5, cache_dir=str(tmp_path))
     with pytest.raises(PrefoptError, match="model has unknown options"):
         ChoraleTask(model={"width": 3}, cache_dir=str(tmp_path))
+    with pytest.raises(PrefoptError, match="parse_workers"):
+        ChoraleTask(parse_workers=0, cache_dir=str(tmp_path))
 
 
 def test_branched_pairs_share_a_start_and_differ_after_it(tmp_path, monkeypatch):

@@ -258,15 +258,38 @@ class Chorales:
                         [self.sources[i] for i in index] if self.sources else [])
 
 
+def parse_chorales(paths: Sequence[Path], tokenizer: ChoraleTokenizer, prompt_bars: int, workers: int = 1,
+                   progress: bool = False) -> list[tuple[list[int], int] | None]:
+    """:func:`parse_chorale` of every path, in order, in ``workers`` forked processes (one: in this process).
+
+    The scores are parsed independently, so the result does not depend on ``workers``. Where processes cannot
+    be forked (Windows, or macOS's default), the parse runs in this process.
+    """
+    import multiprocessing
+    from functools import partial
+
+    from tqdm.auto import tqdm
+
+    parse = partial(parse_chorale, tokenizer=tokenizer, prompt_bars=int(prompt_bars))
+    bar = dict(total=len(paths), desc="parsing chorales", disable=not progress)
+    if int(workers) <= 1 or len(paths) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return [parse(p) for p in tqdm(paths, **bar)]
+    with multiprocessing.get_context("fork").Pool(min(int(workers), len(paths))) as pool:
+        return list(tqdm(pool.imap(parse, paths, chunksize=4), **bar))
+
+
 def load_chorales(cache_dir, tokenizer: ChoraleTokenizer, prompt_bars: int = 2, limit: int | None = None,
-                  progress: bool = True) -> Chorales:
-    """Parse the corpus once (the first ``limit`` scores if set) and cache the token sequences."""
+                  progress: bool = True, workers: int = 1) -> Chorales:
+    """Parse the corpus once (the first ``limit`` scores if set; in ``workers`` processes) and cache the token
+    sequences."""
     import music21
 
     if int(prompt_bars) < 1:
         raise PrefoptError(f"prompt_bars={prompt_bars!r} must be >= 1")
     if limit is not None and int(limit) < 1:
         raise PrefoptError(f"limit={limit!r} must be >= 1 or null (all chorales)")
+    if int(workers) < 1:
+        raise PrefoptError(f"parse_workers={workers!r} must be an integer >= 1")
     paths = chorale_paths()
     if limit is not None:
         paths = paths[: int(limit)]
@@ -274,11 +297,8 @@ def load_chorales(cache_dir, tokenizer: ChoraleTokenizer, prompt_bars: int = 2, 
               "prompt_bars": int(prompt_bars), "limit": limit}
 
     def build():
-        from tqdm.auto import tqdm
-
         rows, prompts, sources, seen = [], [], [], set()
-        for i, path in enumerate(tqdm(paths, desc="parsing chorales", disable=not progress)):
-            parsed = parse_chorale(path, tokenizer, int(prompt_bars))
+        for i, parsed in enumerate(parse_chorales(paths, tokenizer, int(prompt_bars), int(workers), progress)):
             if parsed is None or tuple(parsed[0]) in seen:
                 continue
             seen.add(tuple(parsed[0]))
@@ -323,4 +343,4 @@ def write_midi(notes: Sequence[Note], path: Path) -> None:
 
 
 __all__ = ["BOS", "EOS", "MAJOR", "MINOR", "MODES", "PAD", "PARSE_VERSION", "ChoraleTokenizer", "Chorales", "TONIC",
-           "chorale_key", "chorale_paths", "load_chorales", "parse_chorale", "to_stream", "write_midi"]
+           "chorale_key", "chorale_paths", "load_chorales", "parse_chorale", "parse_chorales", "to_stream", "write_midi"]

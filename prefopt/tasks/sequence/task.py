@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -45,8 +46,8 @@ log = logging.getLogger(__name__)
 
 #: how candidates of one prompt become pairs (see :meth:`ChoraleTask.pairs`)
 PAIRINGS = ("consecutive", "best_worst", "branched")
-MODEL_DEFAULTS = {"d_model": 96, "n_layers": 3, "n_heads": 4, "d_ff": None, "dropout": 0.2, "max_len": 256}
-PRETRAIN_DEFAULTS = {"epochs": 40, "batch_size": 32, "lr": 3.0e-3, "weight_decay": 0.01, "warmup_steps": 50,
+MODEL_DEFAULTS = {"d_model": 96, "n_layers": 3, "n_heads": 4, "d_ff": None, "dropout": 0.1, "max_len": 256}
+PRETRAIN_DEFAULTS = {"epochs": 12, "batch_size": 8, "lr": 3.0e-3, "weight_decay": 0.01, "warmup_steps": 30,
                      "seed": 0}
 
 
@@ -149,7 +150,8 @@ class ChoraleTask(Task):
                  max_new_tokens: int = 96, temperature: float = 1.0,
                  eval_samples: int = 8, eval_prompts: int | None = None, reward: Mapping[str, Any] | None = None,
                  teacher: Mapping[str, Any] | None = None, batch_size: int = 32, rounds: int = 2,
-                 num_midi: int = 4, progress: bool = True, seed: int = 0, cache_dir: str = ".cache/prefopt"):
+                 num_midi: int = 4, progress: bool = True, seed: int = 0, cache_dir: str = ".cache/prefopt",
+                 parse_workers: int = 2):
         if not 0 < eval_fraction < 1 or not 0 < prompt_fraction < 1 or eval_fraction + prompt_fraction >= 1:
             raise PrefoptError(f"eval_fraction={eval_fraction}, prompt_fraction={prompt_fraction}: each must be in "
                                "(0, 1) and their sum below 1 (the rest pretrains the base model)")
@@ -178,8 +180,12 @@ class ChoraleTask(Task):
         self.teacher = ScriptedTeacher(**self.teacher_options, seed=seed)
         self.batch_size, self.rounds, self.num_midi = int(batch_size), int(rounds), int(num_midi)
         self.progress, self.seed, self.cache_dir = bool(progress), int(seed), str(cache_dir)
+        if int(parse_workers) < 1:
+            raise PrefoptError(f"parse_workers={parse_workers!r} must be an integer >= 1")
+        self.parse_workers = int(parse_workers)
         self._splits: dict[str, Chorales] | None = None
         self.base_nll: float | None = None
+        self._reference_eval: tuple | None = None  # (weakref to the reference, prompts, results, samples)
 
     # --------------------------------------------------------------------------------------- data
     @property
@@ -189,7 +195,8 @@ class ChoraleTask(Task):
 
     def splits(self) -> dict[str, Chorales]:
         if self._splits is None:
-            data = load_chorales(self.cache_dir, self.tokenizer, self.prompt_bars, self.limit, self.progress)
+            data = load_chorales(self.cache_dir, self.tokenizer, self.prompt_bars, self.limit, self.progress,
+                                 self.parse_workers)
             if len(data) < 3:
                 raise PrefoptError(f"limit={self.limit} leaves {len(data)} chorales; need at least 3 "
                                    "(one each for pretraining, pair prompts and evaluation)")
@@ -385,6 +392,11 @@ class ChoraleTask(Task):
         seed = 1_000_000 + self.seed  # the same for both models: common random numbers
         results, samples = {}, {}
         for name, model in (("reference", reference), ("policy", policy)):
+            # the reference is the same frozen model in every round, sampled with the same seeds: judged once
+            cached = self._reference_eval if name == "reference" else None
+            if cached is not None and cached[0]() is model and cached[1] == count:
+                results[name], samples[name] = cached[2], cached[3]
+                continue
             completions = self.continue_prompts(model, repeated, seed, f"evaluation: {name} samples")
             scores = [self.score(p, c) for p, c in zip(repeated, completions)]
             rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float64)
@@ -395,6 +407,8 @@ class ChoraleTask(Task):
             for key in ("out_of_key", "repeats", "leaps", "violation_rate", "tonic", "finished", "short"):
                 summary[f"{key}_mean"] = float(sum(s[key] for s in scores) / len(scores))
             results[name], samples[name] = (summary, rewards), completions
+            if name == "reference":
+                self._reference_eval = (weakref.ref(model), count, results[name], completions)
         (ref, ref_rewards), (pol, pol_rewards) = results["reference"], results["policy"]
         # calibration: Bach's own continuations of the same openings, against the same reference samples
         real = [self.score(t[:p], t[p:])["reward"] for t, p in zip(data.tokens[:count], data.prompt_lengths[:count])]
