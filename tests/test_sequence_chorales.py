@@ -145,7 +145,7 @@ def test_chorale_task_runs_end_to_end_and_reuses_its_caches(make_config, monkeyp
     # a second run (frozen-copy reference, another loss) reuses the parsed chorales, the base model and the
     # round-0 candidates
     counts = dict(BUILD_COUNTS)
-    assert summary["reference"] == "adapter" and summary["loss"] == ["sigmoid", "sft"]  # the domain's defaults
+    assert summary["reference"] == "precomputed" and summary["loss"] == ["sigmoid", "sft"]  # the domain's defaults
     again = train(make_config(*TINY, "loss=ipo", "reference=copy", f"paths.cache_dir={cfg.paths.cache_dir}",
                               subdir="ipo"))
     assert again["reference"] == "copy" and again["loss"] == "ipo"
