@@ -142,13 +142,13 @@ def test_chorale_task_runs_end_to_end_and_reuses_its_caches(make_config, monkeyp
         assert (run / f"pianoroll_round{r}.png").stat().st_size > 1000
     assert json.loads((run / "summary.json").read_text())["eval"]["win_rate"] == result["win_rate"]
 
-    # a second run (frozen-copy reference, another loss) reuses the parsed chorales, the base model and the
+    # a second run (LoRA reference, another loss) reuses the parsed chorales, the base model and the
     # round-0 candidates
     counts = dict(BUILD_COUNTS)
-    assert summary["reference"] == "precomputed" and summary["loss"] == ["sigmoid", "sft"]  # the domain's defaults
-    again = train(make_config(*TINY, "loss=ipo", "reference=copy", f"paths.cache_dir={cfg.paths.cache_dir}",
+    assert summary["reference"] == "copy" and summary["loss"] == ["sigmoid", "sft"]  # the domain's defaults
+    again = train(make_config(*TINY, "loss=ipo", "reference=adapter", f"paths.cache_dir={cfg.paths.cache_dir}",
                               subdir="ipo"))
-    assert again["reference"] == "copy" and again["loss"] == "ipo"
+    assert again["reference"] == "adapter" and again["loss"] == "ipo"
     assert again["eval"]["reference"] == result["reference"]  # same base, same prompts, same seeds
     for kind in ("sequence-chorales", "sequence-base", "sequence-candidates"):
         assert BUILD_COUNTS[kind] == counts.get(kind, 0)
