@@ -279,7 +279,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         pairs = round_pairs(cfg, task, policy, round_index, strategy) if pairs_only else round_feedback(
             cfg, task, policy, round_index)
         check_pairs(pairs, f"round {round_index} pairs")  # all identical or ties: refused before training
-        val = task.val_pairs() if pairs_only else None
+        val = task.val_pairs()  # held-out pairs; the binary and ranking modules score them too (prefopt.feedback)
         module = build_module(cfg, policy, round_index)
         trainer = build_trainer(cfg, output_dir, round_index, resuming=bool(ckpt_path))
         trainer.callbacks.append(RecordRunSignature(signature))

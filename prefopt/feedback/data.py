@@ -47,13 +47,70 @@ def has_condition(batch: Mapping[str, Any]) -> bool:
                for k, v in batch.items())
 
 
+SEQUENCE_KEYS = ("input_ids", "completion_mask")
+
+
+def is_sequence_batch(batch: Mapping[str, Any]) -> bool:
+    """Whether the samples are token sequences that hold their prompt and completion in one row (the sequence
+    adapter's layout: ``input_ids``, ``completion_mask``, optional ``attention_mask``, right-padded)."""
+    return all(SAMPLE + k in batch for k in SEQUENCE_KEYS)
+
+
+def can_mismatch(batch: Mapping[str, Any]) -> bool:
+    """Whether :func:`mismatched_samples` can pair a sample with another row's condition."""
+    return has_condition(batch) or is_sequence_batch(batch)
+
+
+def _splice_sequences(samples: dict[str, Any]) -> dict[str, Any]:
+    """Row ``i``: the prompt of row ``i`` followed by the completion of row ``i - 1``, right-padded."""
+    ids, completion = samples["input_ids"], samples["completion_mask"].bool()
+    attention = samples.get("attention_mask")
+    real = torch.ones_like(completion) if attention is None else attention.bool()
+    prompt, answer = real & ~completion, real & completion
+    previous = torch.roll(torch.arange(ids.shape[0], device=ids.device), shifts=1)
+    rows = [(ids[i][prompt[i]], ids[j][answer[j]]) for i, j in zip(range(ids.shape[0]), previous.tolist())]
+    width = max(1, max(len(p) + len(c) for p, c in rows))
+    pad = ids[~real][0] if bool((~real).any()) else torch.zeros((), dtype=ids.dtype)  # masked: any id does
+    out_ids = torch.full((ids.shape[0], width), int(pad), dtype=ids.dtype, device=ids.device)
+    out_attention = torch.zeros_like(out_ids, dtype=real.dtype if attention is None else attention.dtype)
+    out_completion = torch.zeros_like(out_ids, dtype=samples["completion_mask"].dtype)
+    for i, (p, c) in enumerate(rows):
+        out_ids[i, :len(p) + len(c)] = torch.cat([p, c])
+        out_attention[i, :len(p) + len(c)] = 1
+        out_completion[i, len(p):len(p) + len(c)] = 1
+    out = dict(samples, input_ids=out_ids, completion_mask=out_completion)
+    if attention is not None:
+        out["attention_mask"] = out_attention
+    return out
+
+
 def mismatched_samples(batch: Mapping[str, Any]) -> dict[str, Any]:
     """Row ``i`` gets the condition of row ``i`` and the sample of row ``i - 1`` (row 0 the last sample).
 
-    TRL's KL batch: ``(x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1})``.
+    TRL's KL batch: ``(x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1})``. The condition is the batch's condition
+    tensors, or, for token sequences (:func:`is_sequence_batch`), each row's prompt: row ``i`` becomes its
+    own prompt followed by row ``i - 1``'s completion, as TRL concatenates them.
     """
+    if not has_condition(batch) and is_sequence_batch(batch):
+        return _splice_sequences(concatenate_samples(batch))
     rolled = {k: torch.roll(v, shifts=1, dims=0) if k.startswith(SAMPLE) else v for k, v in batch.items()}
     return concatenate_samples(rolled)
+
+
+def stack_rows(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
+    """Two sample batches as one (``first`` then ``second``); token sequences are right-padded to one width."""
+    out: dict[str, Any] = {}
+    for key, a in first.items():
+        b = second[key]
+        if not torch.is_tensor(a):
+            out[key] = a
+            continue
+        if a.dim() == 2 and key in ("input_ids", "attention_mask", "completion_mask") and a.shape[1] != b.shape[1]:
+            width = max(a.shape[1], b.shape[1])
+            # padding: attention and completion 0; the ids there are never attended or scored
+            a, b = (torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in (a, b))
+        out[key] = torch.cat([a, b])
+    return out
 
 
 def concatenate_ranked(batch: Mapping[str, Any]) -> tuple[dict[str, Any], int]:

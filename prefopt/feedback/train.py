@@ -206,15 +206,20 @@ def _groups(cfg, task, policy, round_index: int, fc: FeedbackConfig) -> Groups:
                   None if start is None else int(start))
 
 
-def feedback_from_groups(groups: Groups, fc: FeedbackConfig, teacher: ScriptedTeacher):
-    """The round's dataset of the configured kind from a task's groups and its teacher."""
+def feedback_from_groups(groups: Groups, fc: FeedbackConfig, teacher: ScriptedTeacher,
+                         conditions: tuple[str, ...] = ()):
+    """The round's dataset of the configured kind from a task's groups and its teacher.
+
+    ``conditions``: item keys that are what a sample is judged *given* (a control segment's observations),
+    kept as the binary rows' condition, so KTO's mismatched rows pair them with another row's sample."""
     if fc.kind == "binary":
         rewards, mask = groups.flat_rewards()
         labels = binary_labels(teacher, rewards, mask, threshold=fc.threshold, group_size=groups.shape[1],
                                start_size=groups.start_size)
         keep = labels.keep.nonzero().flatten()
-        items = {k: v[keep] for k, v in groups.flat_items().items()}
+        items = {k: v[keep] for k, v in groups.flat_items().items() if k not in conditions}
         condition = {k: v[keep] for k, v in groups.flat_shared().items()}
+        condition.update({k: v[keep] for k, v in groups.flat_items().items() if k in conditions})
         return TensorSamples(items, condition, labels.label[keep])
     if fc.kind == "ranking":
         ranking = rank(teacher, groups.rewards, groups.mask)
@@ -242,7 +247,7 @@ def round_feedback(cfg, task, policy, round_index: int):
         loaded = load_feedback(fc.kind, fc.path, fc.split)
         return scores_dataset(loaded, fc) if fc.kind == "scores" else loaded
     groups = _groups(cfg, task, policy, round_index, fc)
-    data = feedback_from_groups(groups, fc, _teacher(task))
+    data = feedback_from_groups(groups, fc, _teacher(task), tuple(getattr(task, "sample_conditions", ())))
     if len(data) == 0:
         raise PrefoptError(f"feedback={fc.kind}: the teacher kept no samples this round (check its skip/equal "
                            "thresholds)")
