@@ -87,6 +87,19 @@ def _returns(teacher: ScriptedTeacher, rewards, mask=None) -> tuple[torch.Tensor
     return teacher.returns(flat_r, flat_m), teacher.returns(flat_r, flat_m, discounted=True), lead
 
 
+def _item_returns(teacher: ScriptedTeacher, rewards, mask, dims: tuple[str, ...], what: str):
+    """(R, D, leading shape) of items whose rewards are one scalar each (shape ``dims``) or per step (``dims``
+    plus ``H``, with ``mask``; without one, every step is real)."""
+    rewards = torch.as_tensor(rewards)
+    if mask is None and rewards.dim() == len(dims) + 1:
+        mask = torch.ones_like(rewards, dtype=torch.bool)
+    ret, disc, lead = _returns(teacher, rewards, mask)
+    if len(lead) != len(dims):
+        shape = ", ".join(dims)
+        raise PrefoptError(f"{what}: rewards of shape {tuple(rewards.shape)}; allowed: [{shape}] or [{shape}, H]")
+    return ret, disc, lead
+
+
 def _runs(values: torch.Tensor, size: int, what: str) -> torch.Tensor:
     """``values`` ``[N]`` as ``[N / size, size]`` runs of consecutive items."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1 or values.numel() % size:
@@ -102,12 +115,7 @@ def binary_labels(teacher: ScriptedTeacher, rewards, mask=None, threshold: float
     items per group (for ``threshold="group_mean"``); ``start_size``: runs of this many consecutive items
     share a start state, and each item is judged by its advantage over them (see the module docstring).
     """
-    rewards = torch.as_tensor(rewards)
-    if mask is None and rewards.dim() == 2:
-        mask = torch.ones_like(rewards, dtype=torch.bool)
-    ret, disc, lead = _returns(teacher, rewards, mask)
-    if len(lead) != 1:
-        raise PrefoptError(f"binary_labels: rewards of shape {tuple(rewards.shape)}; allowed: [N] or [N, H]")
+    ret, disc, _ = _item_returns(teacher, rewards, mask, ("N",), "binary_labels")
     if start_size is not None:  # judge what a sample did from its start state, not where it started
         runs = _runs(disc, start_size, "start states")
         disc = (runs - runs.mean(1, keepdim=True)).reshape(-1)
@@ -144,12 +152,7 @@ def teacher_scores(teacher: ScriptedTeacher, rewards, mask=None, generator=None)
     if teacher.eps > 0:
         raise PrefoptError(f"ScriptedTeacher eps={teacher.eps}: a teacher that makes mistakes gives no scores; "
                            "use eps=0 (kind oracle, stochastic, myopic, skip or equal) for feedback=scores")
-    rewards = torch.as_tensor(rewards)
-    if mask is None and rewards.dim() == 3:
-        mask = torch.ones_like(rewards, dtype=torch.bool)
-    _, disc, lead = _returns(teacher, rewards, mask)
-    if len(lead) != 2:
-        raise PrefoptError(f"teacher scores: rewards of shape {tuple(rewards.shape)}; allowed: [G, K] or [G, K, H]")
+    _, disc, lead = _item_returns(teacher, rewards, mask, ("G", "K"), "teacher scores")
     scores = disc.reshape(lead)
     if not teacher.rational:
         gen = _generator(teacher, generator)
@@ -180,10 +183,7 @@ def rank(teacher: ScriptedTeacher, rewards, mask=None, generator=None) -> Rankin
         rows = swap.nonzero().flatten()
         first, second = order[rows, where[rows]].clone(), order[rows, where[rows] + 1].clone()
         order[rows, where[rows]], order[rows, where[rows] + 1] = second, first
-    rewards_t = torch.as_tensor(rewards)
-    per_step = rewards_t.dim() == 3
-    ret, _, _ = _returns(teacher, rewards_t, mask if mask is not None or not per_step
-                         else torch.ones_like(rewards_t, dtype=torch.bool))
+    ret, _, _ = _item_returns(teacher, rewards, mask, ("G", "K"), "rank")
     ret = ret.reshape(groups, k).gather(1, order)
     a, b = pair_indices(k)
     tie = torch.zeros(groups, a.numel(), dtype=torch.bool)
