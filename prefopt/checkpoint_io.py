@@ -176,15 +176,23 @@ def run_signature(cfg, network: torch.nn.Module | None = None) -> dict[str, Any]
     return signature
 
 
+def train_metrics(trainer: L.Trainer) -> dict[str, float]:
+    """The ``train/`` and ``val/`` metrics Lightning holds now (``summary.json``'s ``train`` section)."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+
+
 class RecordRunSignature(L.Callback):
     """Writes :func:`run_signature` into every checkpoint (``checkpoint["prefopt_run"]``), so that a resume can
-    check that it continues the same run (:func:`check_resume`)."""
+    check that it continues the same run (:func:`check_resume`), with the round the checkpoint belongs to and the
+    training metrics at that point (``prefopt_round``, ``prefopt_train_metrics``: :mod:`prefopt.resume`)."""
 
-    def __init__(self, signature: dict[str, Any]):
-        self.signature = signature
+    def __init__(self, signature: dict[str, Any], round_index: int = 0):
+        self.signature, self.round_index = signature, int(round_index)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[SIGNATURE_KEY] = self.signature
+        checkpoint["prefopt_round"] = self.round_index
+        checkpoint["prefopt_train_metrics"] = train_metrics(trainer)
 
 
 def _differences(saved: Any, current: Any, key: str) -> list[str]:
@@ -249,14 +257,12 @@ def finished_run_summary(output_dir: Path, ckpt_path: str | None, cfg) -> dict[s
     last = Path(output_dir) / "checkpoints" / "last.ckpt"
     if not ckpt_path or not summary.is_file() or not last.is_file() or Path(ckpt_path).resolve() != last.resolve():
         return None
+    from prefopt.resume import checkpoint_finished
+
     checkpoint = load_checkpoint_file(last)  # read whole: a damaged checkpoint is named even when nothing is left
-    trainer = cfg.get("trainer") or {}
-    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
-    step, epoch = int(checkpoint.get("global_step", 0)), int(checkpoint.get("epoch", -1))
-    done = (max_steps not in (None, -1) and step >= max_steps) or (max_epochs not in (None, -1)
-                                                                   and epoch + 1 >= max_epochs)
-    if not done:
+    if not checkpoint_finished(checkpoint, cfg.get("trainer")):
         return None
+    step, epoch = int(checkpoint.get("global_step", 0)), int(checkpoint.get("epoch", -1))
     log.warning("prefopt: the run in %s already finished (epoch %d, step %d); nothing to resume, its files are kept",
                 output_dir, epoch + 1, step)
     return json.loads(summary.read_text())

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.atomic import atomic_write
 from prefopt.cache import cached_tensors
 from prefopt.checkpoint_io import KeepLogsWithCheckpoints, RecordRunSignature, check_checkpoint_file, check_resume, \
-    finished_run_summary, run_signature
+    finished_run_summary, run_signature, train_metrics as checkpoint_metrics
 from prefopt.data.pairs import TensorPairs
 from prefopt.degenerate import check_pairs
 from prefopt.distributed import is_fsdp, unwrapped_policy
@@ -31,6 +31,7 @@ from prefopt.feedback.train import (check_loss as check_feedback_loss, feedback_
 from prefopt.losses import LOSS_ALIASES
 from prefopt.module import NONFINITE_MODES, PreferenceModule, check_loss_reference, loss_config
 from prefopt.reference import ReferenceStrategy, make_reference, policy_view
+from prefopt.resume import keep_round_checkpoint, read_progress, record_round, restore_round_end, round_checkpoint
 from prefopt.runlock import check_not_finished, hold_run_folder
 from prefopt.tasks.base import Task
 from prefopt.validation import summary_json, validate_options
@@ -269,31 +270,53 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     signature = run_signature(cfg, policy.network)  # saved in every checkpoint; a resume must match it
     if ckpt_path:
         check_resume(ckpt_path, signature)
-    if ckpt_path and task.rounds > 1:
-        raise PrefoptError(f"ckpt_path resumes single-round runs only; this task has rounds={task.rounds}")
+    checkpoints = output_dir / "checkpoints"
+    progress = read_progress(output_dir, ckpt_path, task.rounds, cfg.get("trainer"))
 
     rounds: list[dict[str, Any]] = []
     train_metrics: dict[str, float] = {}
     for round_index in range(task.rounds):
+        if round_index < len(progress.done):  # finished and evaluated before a kill: its end state, its result
+            module = build_module(cfg, policy, round_index)
+            if baseline is None:
+                baseline = frozen_baseline(module)
+            end = round_checkpoint(checkpoints, round_index) if round_index < task.rounds - 1 else ckpt_path
+            restore_round_end(module, end)
+            policy = module.policy
+            rounds.append(progress.done[round_index]["entry"])
+            train_metrics = progress.done[round_index]["train"]
+            continue
         pairs_only = feedback_config(cfg).kind == "pairs"
         pairs = round_pairs(cfg, task, policy, round_index, strategy) if pairs_only else round_feedback(
             cfg, task, policy, round_index)
         check_pairs(pairs, f"round {round_index} pairs")  # all identical or ties: refused before training
         val = task.val_pairs()  # held-out pairs; the binary and ranking modules score them too (prefopt.feedback)
         module = build_module(cfg, policy, round_index)
-        trainer = build_trainer(cfg, output_dir, round_index, resuming=bool(ckpt_path))
-        trainer.callbacks.append(RecordRunSignature(signature))
-        plain = copy.deepcopy(module.policy) if is_fsdp(trainer) else None  # FSDP wraps the networks in place
-        if baseline is None:
-            baseline = frozen_baseline(module, fsdp=plain is not None)
-        trainer.fit(module, train_dataloaders=round_dataloader(cfg, task, pairs),
-                    val_dataloaders=task.dataloader(val, train=False) if val is not None else None,
-                    ckpt_path=ckpt_path, weights_only=True)
-        policy = module.policy if plain is None else unwrapped_policy(trainer, plain)
-        train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-                         if k.startswith(("train/", "val/"))}
+        resume_from = ckpt_path if round_index == progress.resume_round else None  # else: the round starts fresh
+        if resume_from and progress.resume_finished and not Path(resume_from).is_dir():
+            # its last epoch is in the checkpoint (a kill during the evaluation or before summary.json): nothing to
+            # train, and fitting would only start (and empty) the round's logs
+            if baseline is None:
+                baseline = frozen_baseline(module)
+            restore_round_end(module, resume_from)
+            policy, train_metrics = module.policy, progress.resume_metrics
+        else:
+            trainer = build_trainer(cfg, output_dir, round_index, resuming=bool(resume_from))
+            trainer.callbacks.append(RecordRunSignature(signature, round_index))
+            plain = copy.deepcopy(module.policy) if is_fsdp(trainer) else None  # FSDP wraps the networks in place
+            if baseline is None:
+                baseline = frozen_baseline(module, fsdp=plain is not None)
+            trainer.fit(module, train_dataloaders=round_dataloader(cfg, task, pairs),
+                        val_dataloaders=task.dataloader(val, train=False) if val is not None else None,
+                        ckpt_path=resume_from, weights_only=True)
+            policy = module.policy if plain is None else unwrapped_policy(trainer, plain)
+            train_metrics = checkpoint_metrics(trainer)
+        if round_index < task.rounds - 1 and rank_zero_only.rank == 0:  # the next round overwrites last.ckpt
+            keep_round_checkpoint(checkpoints, round_index)
         result = task.evaluate(baseline, policy, output_dir, round_index)
         rounds.append({"round": round_index, "num_pairs": len(pairs), **result})
+        if rank_zero_only.rank == 0:
+            record_round(checkpoints, round_index, rounds[-1], train_metrics)
 
     summary = {
         "domain": cfg.domain.name,
@@ -307,8 +330,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "rounds": rounds,
     }
     if rank_zero_only.rank == 0:  # under DDP every rank has the same result; one writes it
-        atomic_write(output_dir / "summary.json", summary_json(summary))  # strict JSON: NaN -> null
+        # the weights first: summary.json marks a finished run, which a resume leaves as it is
         export_policy(policy, output_dir / "policy.safetensors")
+        atomic_write(output_dir / "summary.json", summary_json(summary))  # strict JSON: NaN -> null
         # Kept out of summary.json so that one config and seed always give the same summary.
         timing = {"wall_time_s": round(time.perf_counter() - started, 2)}
         atomic_write(output_dir / "timing.json", json.dumps(timing))
