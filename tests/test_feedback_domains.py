@@ -39,6 +39,9 @@ def test_control_trains_on_each_kind(make_config, kind):
 
     summary = train(make_config("domain=control", *TINY, *kind, "feedback.group_size=2"))
     _check(summary, kind[0].split("=")[1])
+    # the 12 branch pairs' 24 segments: 24 labelled samples, 12 rankings of two, 12 best-vs-worst pairs
+    assert summary["eval"]["num_pairs"] == {"feedback=binary": 24, "feedback=ranking": 12,
+                                            "feedback=scores": 12}[kind[0]]
     # held-out validation on the task's held-out pairs, as feedback=pairs reports it
     names = ["val/loss", "val/rewards/accuracies"] + (["val/rewards/label_accuracies", "val/kl"]
                                                        if kind[0] == "feedback=binary" else [])

@@ -34,6 +34,7 @@ from prefopt.feedback.data import (
     stack_rows,
 )
 from prefopt.feedback.losses import (
+    KL_ESTIMATES,
     LISTWISE_LOSS_TYPES,
     UNPAIRED_LOSS_TYPES,
     kto_kl,
@@ -48,7 +49,6 @@ from prefopt.reference import PrecomputedReference
 
 log = logging.getLogger(__name__)
 
-KL_ESTIMATES = ("mismatched", "batch")
 NO_CONDITION = ("loss.kl=mismatched: a batch marks no condition apart from its samples (no context, class, "
                 "observation or prompt to pair another sample with: an unconditional model, or pairs split into "
                 "samples), so KTO's reference point there is the batch's own mean log-ratio, as with loss.kl=batch")

@@ -31,7 +31,8 @@ from prefopt.errors import PrefoptError, check_choice
 from prefopt.feedback.convert import PAIR_RULES, score_pairs, score_ranking
 from prefopt.feedback.data import Groups, TensorRankings, TensorSamples
 from prefopt.feedback.files import load_feedback
-from prefopt.feedback.losses import LISTWISE_LOSS_TYPES, UNPAIRED_LOSS_TYPES, ranking_loss, unpaired_loss
+from prefopt.feedback.losses import (KL_ESTIMATES, LISTWISE_LOSS_TYPES, UNPAIRED_LOSS_TYPES, ranking_loss,
+                                     unpaired_loss)
 from prefopt.feedback.teach import binary_labels, rank, teacher_scores
 
 FEEDBACK_KINDS = ("pairs", "binary", "ranking", "scores")
@@ -142,7 +143,7 @@ def check_loss(cfg, loss: Mapping[str, Any]) -> bool:
             check_choice(f"loss_type (feedback={fc.kind})", loss_type, UNPAIRED_LOSS_TYPES)
             options = {k: loss.pop(k) for k in ("desirable_weight", "undesirable_weight") if k in loss}
             kl = loss.pop("kl", "mismatched")
-            check_choice("loss.kl", kl, ("mismatched", "batch"))
+            check_choice("loss.kl", kl, KL_ESTIMATES)
             if loss.pop("label_smoothing", 0.0) != 0.0 or loss:
                 raise PrefoptError(f"loss options {sorted(loss) or ['label_smoothing']} are not used by "
                                    f"loss_type {loss_type!r}; allowed: beta, desirable_weight, undesirable_weight, kl")
