@@ -302,3 +302,17 @@ def test_no_condition_falls_back_to_the_batch_estimate_with_one_notice(caplog):
     assert float(kl) == pytest.approx(max(0.0, float((logps - ref).mean())))  # the batch's own log-ratios
     notices = [r.getMessage() for r in caplog.records if "loss.kl=mismatched" in r.getMessage()]
     assert notices == [f"prefopt: notice: {feedback_module.NO_CONDITION}"]
+
+
+def test_ranking_metrics_by_hand():
+    from prefopt.feedback.module import ranking_metrics
+
+    # two rankings of 3, best first; pairs (0,1), (0,2), (1,2)
+    rewards = torch.tensor([[0.3, 0.1, 0.2], [-0.1, 0.4, -0.5]])
+    m = ranking_metrics(rewards, 2 * rewards)
+    # ordered: group 0: 0.3>0.1 yes, 0.3>0.2 yes, 0.1>0.2 no; group 1: -0.1>0.4 no, -0.1>-0.5 yes, 0.4>-0.5 yes
+    assert float(m["rewards/accuracies"]) == pytest.approx(4 / 6)
+    assert float(m["rewards/chosen"]) == pytest.approx(0.1) and float(m["rewards/rejected"]) == pytest.approx(-0.15)
+    assert float(m["rewards/margins"]) == pytest.approx(0.25) and float(m["logps/rejected"]) == pytest.approx(-0.3)
+    tie = torch.tensor([[False, False, True], [True, False, False]])  # the two wrong pairs are ties
+    assert float(ranking_metrics(rewards, rewards, tie)["rewards/accuracies"]) == 1.0

@@ -294,15 +294,26 @@ class RankingFeedbackModule(_FeedbackModule):
         if on_step and not self._logger_writes_now():
             self.log("train_loss", loss.detach(), prog_bar=True, batch_size=batch_size, logger=False)
             return
-        a, b = pair_indices(rewards.shape[1], rewards.device)
-        ordered = rewards[:, a] > rewards[:, b]
-        keep = torch.ones_like(ordered) if tie is None else ~tie.to(torch.bool)
-        chosen, rejected = rewards[:, 0].mean(), rewards[:, -1].mean()
-        metrics = {"loss": loss.detach(), "rewards/chosen": chosen, "rewards/rejected": rejected,
-                   "rewards/margins": chosen - rejected,
-                   "rewards/accuracies": _masked_mean(ordered.to(rewards.dtype), keep),
-                   "logps/chosen": logps[:, 0].detach().mean(), "logps/rejected": logps[:, -1].detach().mean()}
+        metrics = {"loss": loss.detach(), **ranking_metrics(rewards, logps, tie)}
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, on_step=on_step, on_epoch=not on_step,
                       batch_size=batch_size, sync_dist=not on_step)
         self.log(f"{stage}_loss", loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step,
                  batch_size=batch_size, logger=False, sync_dist=not on_step)
+
+
+def ranking_metrics(rewards: torch.Tensor, logps: torch.Tensor, tie: torch.Tensor | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Metrics of a batch of rankings ``[G, K]``, best first (TRL's DPO names).
+
+    ``rewards/chosen`` and ``logps/chosen`` average the top samples, ``.../rejected`` the bottom ones;
+    ``rewards/accuracies``: the share of the rankings' untied pairs ``(a, b)``, ``a`` ranked above ``b``, whose
+    implicit rewards are in that order (for ``K = 2``, TRL's DPO accuracy).
+    """
+    rewards = rewards.detach()
+    a, b = pair_indices(rewards.shape[1], rewards.device)
+    ordered = rewards[:, a] > rewards[:, b]
+    keep = torch.ones_like(ordered) if tie is None else ~tie.to(torch.bool)
+    chosen, rejected = rewards[:, 0].mean(), rewards[:, -1].mean()
+    return {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+            "rewards/accuracies": _masked_mean(ordered.to(rewards.dtype), keep),
+            "logps/chosen": logps[:, 0].detach().mean(), "logps/rejected": logps[:, -1].detach().mean()}
