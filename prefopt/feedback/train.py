@@ -223,9 +223,9 @@ def feedback_from_groups(groups: Groups, fc: FeedbackConfig, teacher: ScriptedTe
         condition.update({k: v[keep] for k, v in groups.flat_items().items() if k in conditions})
         return TensorSamples(items, condition, labels.label[keep])
     if fc.kind == "ranking":
-        ranking = rank(teacher, groups.rewards, groups.mask)
+        ranking = rank(teacher, groups.rewards, groups.mask, start_size=groups.start_size)
         return groups.ranked(ranking.order, ranking.keep, ranking.tie)
-    scores = teacher_scores(teacher, groups.rewards, groups.mask)
+    scores = teacher_scores(teacher, groups.rewards, groups.mask, start_size=groups.start_size)
     return scores_dataset(Groups(groups.items, groups.shared, scores), fc)
 
 
