@@ -79,6 +79,7 @@ def test_control_binary_labels_are_the_pair_teachers_answers(make_config):
     pytest.importorskip("gymnasium")
     from hydra.utils import instantiate
 
+    from prefopt.feedback.data import sample_conditions
     from prefopt.feedback.train import FeedbackConfig, feedback_from_groups
     from tests.test_control_task import TINY
 
@@ -92,7 +93,7 @@ def test_control_binary_labels_are_the_pair_teachers_answers(make_config):
     rejected = {tuple(x.flatten().tolist()) for x in pairs.rejected["obs"]}
     for threshold in ("median", "group_mean"):
         data = feedback_from_groups(groups, FeedbackConfig(kind="binary", group_size=2, threshold=threshold),
-                                    task.teacher, task.sample_conditions)
+                                    task.teacher, sample_conditions(policy))
         assert len(data) == 2 * len(pairs)
         # the actions are judged given the observations: KTO's mismatched rows pair them with other actions
         assert sorted(data.items) == ["actions"] and sorted(data.condition) == ["mask", "obs"]

@@ -316,3 +316,20 @@ def test_ranking_metrics_by_hand():
     assert float(m["rewards/margins"]) == pytest.approx(0.25) and float(m["logps/rejected"]) == pytest.approx(-0.3)
     tie = torch.tensor([[False, False, True], [True, False, False]])  # the two wrong pairs are ties
     assert float(ranking_metrics(rewards, rewards, tie)["rewards/accuracies"]) == 1.0
+
+
+def test_pairs_split_into_samples_keep_the_policys_conditions():
+    from prefopt.feedback.data import can_mismatch, pairs_as_samples
+
+    batch = {"chosen_obs": torch.tensor([[1.0], [2.0]]), "rejected_obs": torch.tensor([[1.5], [2.5]]),
+             "chosen_actions": torch.tensor([[0.1], [0.2]]), "rejected_actions": torch.tensor([[0.3], [0.4]]),
+             "tie": torch.tensor([False, True])}
+    plain = pairs_as_samples(batch)
+    assert sorted(plain) == ["label", "sample_actions", "sample_obs", "weight"] and not can_mismatch(plain)
+    split = pairs_as_samples(batch, ("obs",))
+    assert sorted(split) == ["label", "obs", "sample_actions", "weight"] and can_mismatch(split)
+    assert split["obs"].flatten().tolist() == [1.0, 2.0, 1.5, 2.5] and split["label"].tolist() == [1, 1, 0, 0]
+    assert split["weight"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    rows = mismatched_samples(split)  # each observation with the previous row's actions
+    assert rows["obs"].flatten().tolist() == [1.0, 2.0, 1.5, 2.5]
+    assert rows["actions"].flatten().tolist() == pytest.approx([0.4, 0.1, 0.2, 0.3])

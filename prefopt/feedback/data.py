@@ -41,6 +41,12 @@ def concatenate_samples(batch: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def sample_conditions(policy) -> tuple[str, ...]:
+    """The sample keys a policy scores a sample *given* (``policy.sample_conditions``; a control segment's
+    ``obs`` and ``mask``: its actions are the sample): binary rows keep them as their condition."""
+    return tuple(getattr(policy, "sample_conditions", ()))
+
+
 def has_condition(batch: Mapping[str, Any]) -> bool:
     """Whether a binary batch has condition tensors apart from its samples (so mismatching changes anything)."""
     return any(torch.is_tensor(v) and not k.startswith(SAMPLE) and k not in BOOKKEEPING and k != "seed"
@@ -136,15 +142,16 @@ def is_pair_batch(batch: Mapping[str, Any]) -> bool:
     return any(k.startswith(CHOSEN) for k in batch)
 
 
-def pairs_as_samples(batch: Mapping[str, Any]) -> dict[str, Any]:
+def pairs_as_samples(batch: Mapping[str, Any], conditions: tuple[str, ...] = ()) -> dict[str, Any]:
     """A pair batch of ``B`` pairs as a binary batch of ``2B`` samples: the chosen samples desirable, the rejected
-    ones undesirable (TRL's ``unpair_preference_dataset``); a tied pair's samples get ``weight`` 0."""
+    ones undesirable (TRL's ``unpair_preference_dataset``); a tied pair's samples get ``weight`` 0. The sample
+    keys in ``conditions`` (:func:`sample_conditions`) become the rows' condition."""
     out: dict[str, Any] = {}
     size = None
     for key, value in batch.items():
         if key.startswith(CHOSEN):
             name = key[len(CHOSEN):]
-            out[SAMPLE + name] = torch.cat([value, batch[REJECTED + name]])
+            out[name if name in conditions else SAMPLE + name] = torch.cat([value, batch[REJECTED + name]])
             size = value.shape[0]
         elif key.startswith(REJECTED) or key == "tie":
             continue
@@ -152,7 +159,7 @@ def pairs_as_samples(batch: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = torch.cat([value, value])
         else:
             out[key] = value
-    device = out[next(k for k in out if k.startswith(SAMPLE))].device
+    device = next(v for k, v in out.items() if k.startswith(SAMPLE) or k in conditions).device
     out["label"] = torch.cat([torch.ones(size, dtype=torch.int64, device=device),
                               torch.zeros(size, dtype=torch.int64, device=device)])
     tie = batch.get("tie")

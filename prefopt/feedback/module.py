@@ -30,6 +30,7 @@ from prefopt.feedback.data import (
     mismatched_samples,
     pairs_as_ranking,
     pairs_as_samples,
+    sample_conditions,
     split_ranked,
     stack_rows,
 )
@@ -50,8 +51,7 @@ from prefopt.reference import PrecomputedReference
 log = logging.getLogger(__name__)
 
 NO_CONDITION = ("loss.kl=mismatched: a batch marks no condition apart from its samples (no context, class, "
-                "observation or prompt to pair another sample with: an unconditional model, or pairs split into "
-                "samples), so KTO's reference point there is the batch's own mean log-ratio, as with loss.kl=batch")
+                "observation or prompt to pair another sample with, e.g. an unconditional model), so KTO's reference point there is the batch's own mean log-ratio, as with loss.kl=batch")
 _NOTICED: set[str] = set()
 
 
@@ -122,7 +122,7 @@ class BinaryFeedbackModule(_FeedbackModule):
     * ``mismatched`` (default, TRL's choice): the mean log-ratio of the batch's conditions paired with the
       previous row's sample (one extra forward of the policy and the reference, both without gradient).
       The condition is the batch's condition tensors (a context, a class label; a control segment's
-      observations, :attr:`ControlTask.sample_conditions`) or, for token sequences, each row's prompt: row
+      observations, :attr:`ControlPolicy.sample_conditions`) or, for token sequences, each row's prompt: row
       ``i`` is scored as its prompt followed by row ``i - 1``'s completion, as TRL does
       (:func:`~prefopt.feedback.data.mismatched_samples`). A batch with nothing but its samples (an
       unconditional model) has nothing to mismatch: its own log-ratios are used, as with ``batch``, and a
@@ -177,7 +177,7 @@ class BinaryFeedbackModule(_FeedbackModule):
     def _shared_step(self, batch, stage: str, index: int):
         from_pairs = is_pair_batch(batch)
         if from_pairs:
-            batch = pairs_as_samples(batch)
+            batch = pairs_as_samples(batch, sample_conditions(self.policy))
         logps, ref, kl = self.sample_logps(batch, self._generator(stage, index))
         kl = self._reduce_kl(kl)
         if kl is not None and kl.dim():

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.data.teachers import ScriptedTeacher
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.feedback.convert import PAIR_RULES, score_pairs, score_ranking
-from prefopt.feedback.data import Groups, TensorRankings, TensorSamples
+from prefopt.feedback.data import Groups, TensorRankings, TensorSamples, sample_conditions
 from prefopt.feedback.files import load_feedback
 from prefopt.feedback.losses import (KL_ESTIMATES, LISTWISE_LOSS_TYPES, UNPAIRED_LOSS_TYPES, ranking_loss,
                                      unpaired_loss)
@@ -248,7 +248,7 @@ def round_feedback(cfg, task, policy, round_index: int):
         loaded = load_feedback(fc.kind, fc.path, fc.split)
         return scores_dataset(loaded, fc) if fc.kind == "scores" else loaded
     groups = _groups(cfg, task, policy, round_index, fc)
-    data = feedback_from_groups(groups, fc, _teacher(task), tuple(getattr(task, "sample_conditions", ())))
+    data = feedback_from_groups(groups, fc, _teacher(task), sample_conditions(policy))
     if len(data) == 0:
         raise PrefoptError(f"feedback={fc.kind}: the teacher kept no samples this round (check its skip/equal "
                            "thresholds)")

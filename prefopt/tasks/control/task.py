@@ -107,8 +107,6 @@ class ControlTask(Task):
     """
 
     name = "control"
-    #: what a segment's actions are judged given (binary feedback: KTO pairs them with another segment's)
-    sample_conditions = ("obs", "mask")
 
     def __init__(self, env_id: str = "Pendulum-v1", env_kwargs: Mapping[str, Any] | None = None,
                  num_envs: int = 32, vectorization_mode: str = "sync", hidden: Sequence[int] = (64, 64),
