@@ -191,9 +191,11 @@ def test_wrong_column_types_in_parquet_and_npz(tmp_path):
     ("binary", [{"sample_actions": [0.0, 1.0]}], "needs a 'label' column"),
     ("binary", [{"sample_actions": [0.0], "label": 2}], "row 0, column 'label' is not 0 or 1"),
     ("binary", [{"obs": [1.0], "label": 1}], "needs at least one sample_<key> column"),
-    ("ranking", [{"sample_actions": [[0.0], [1.0]]}, {"sample_actions": [[0.0]]}], r"row 1, column 'sample_actions' has shape \[1, 1\] but row 0 has \[2, 1\]"),
+    ("ranking", [{"sample_actions": [[0.0], [1.0]]}, {"sample_actions": [[0.0]]}],
+     r"row 1, column 'sample_actions' has shape \[1, 1\] but row 0 has \[2, 1\]"),
     ("ranking", [{"sample_actions": [[0.0]]}], "K=1 samples"),
-    ("scores", [{"sample_actions": [[0.0], [1.0]], "scores": [1.0]}], r"row 0, column 'scores' has shape \[1\]; allowed: a list of K = 2 finite numbers"),
+    ("scores", [{"sample_actions": [[0.0], [1.0]], "scores": [1.0]}],
+     r"row 0, column 'scores' has shape \[1\]; allowed: a list of K = 2 finite numbers"),
     ("scores", [{"sample_actions": [[0.0], [1.0]], "scores": [1.0, float("nan")]}], "NaN or inf"),
 ])
 def test_schema_errors_are_one_clear_line(tmp_path, kind, rows, match):

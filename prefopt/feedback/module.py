@@ -51,7 +51,8 @@ from prefopt.reference import PrecomputedReference
 log = logging.getLogger(__name__)
 
 NO_CONDITION = ("loss.kl=mismatched: a batch marks no condition apart from its samples (no context, class, "
-                "observation or prompt to pair another sample with, e.g. an unconditional model), so KTO's reference point there is the batch's own mean log-ratio, as with loss.kl=batch")
+                "observation or prompt to pair another sample with, e.g. an unconditional model), so KTO's "
+                "reference point there is the batch's own mean log-ratio, as with loss.kl=batch")
 _NOTICED: set[str] = set()
 
 
@@ -218,8 +219,9 @@ def binary_metrics(rewards: torch.Tensor, logps: torch.Tensor, desirable: torch.
     ``rewards/label_accuracies``: the share of samples whose reward, measured from the loss's reference point
     (``b z0`` for KTO, 0 for APO-zero), has the label's sign: ``> 0`` for a desirable sample, ``< 0`` for an
     undesirable one (TRL has no accuracy for unpaired feedback; like its DPO accuracy, a tie is wrong).
-    With ``pair_weight`` (samples split from pairs: chosen ``i``, rejected ``i + B``; 0 for a tied pair's samples,
-    which no accuracy counts) also ``rewards/accuracies``, TRL's DPO metric: the share of kept pairs whose chosen reward is the larger.
+    With ``pair_weight`` (samples split from pairs: chosen ``i``, rejected ``i + B``; 0 for a tied pair's
+    samples, which no accuracy counts) also ``rewards/accuracies``, TRL's DPO metric: the share of kept pairs
+    whose chosen reward is the larger.
     """
     rewards = rewards.detach()
     chosen, rejected = _masked_mean(rewards, desirable), _masked_mean(rewards, ~desirable)
