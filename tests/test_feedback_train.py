@@ -215,3 +215,19 @@ def test_unreadable_files(tmp_path):
     (tmp_path / "y.jsonl").write_text("{not json}\n")
     with pytest.raises(PrefoptError, match="line 1 is not a JSON object"):
         load_feedback("binary", tmp_path / "y.jsonl")
+
+
+def test_a_binary_file_keeps_the_policys_conditions(tmp_path):
+    from types import SimpleNamespace
+
+    from prefopt.feedback.train import round_feedback
+
+    rows = [{"sample_obs": [[0.0, 1.0]], "sample_actions": [[0.5]], "label": i % 2} for i in range(4)]
+    path = _write(tmp_path / "segments.jsonl", rows)
+    cfg = {"feedback": {"kind": "binary", "path": str(path)}}
+    data = round_feedback(cfg, SimpleNamespace(rounds=1), SimpleNamespace(sample_conditions=("obs", "mask")), 0)
+    # a control file writes sample_obs; the observations are what the actions are judged given
+    assert sorted(data.items) == ["actions"] and sorted(data.condition) == ["obs"]
+    assert data.label.tolist() == [0, 1, 0, 1]
+    plain = round_feedback(cfg, SimpleNamespace(rounds=1), SimpleNamespace(), 0)
+    assert sorted(plain.items) == ["actions", "obs"] and plain.condition == {}

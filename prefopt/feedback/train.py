@@ -246,6 +246,10 @@ def round_feedback(cfg, task, policy, round_index: int):
             raise PrefoptError(f"feedback.path={fc.path!r} holds one round of feedback; this task has "
                                f"rounds={task.rounds} (set the domain's rounds to 1)")
         loaded = load_feedback(fc.kind, fc.path, fc.split)
+        if isinstance(loaded, TensorSamples):  # sample_obs of a control file: the condition of its actions
+            conditions = [k for k in sample_conditions(policy) if k in loaded.items]
+            return TensorSamples({k: v for k, v in loaded.items.items() if k not in conditions},
+                                 {**loaded.condition, **{k: loaded.items[k] for k in conditions}}, loaded.label)
         return scores_dataset(loaded, fc) if fc.kind == "scores" else loaded
     groups = _groups(cfg, task, policy, round_index, fc)
     data = feedback_from_groups(groups, fc, _teacher(task), sample_conditions(policy))
