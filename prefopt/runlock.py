@@ -151,7 +151,7 @@ except ImportError:  # pragma: no cover - hydra is a core dependency
 def _check_resume_early(folder: Path, config) -> None:
     """A resume whose loss, reference or domain differ from the checkpoint's is refused here, before Hydra
     writes the new config over the run's ``.hydra/`` (the network is checked once built, in train)."""
-    from prefopt.checkpoint_io import check_checkpoint_file, check_resume, run_signature
+    from prefopt.checkpoint_io import check_checkpoint_file, check_resume, check_resume_allow, run_signature
 
     ckpt = config.get("ckpt_path")
     if not _resuming(ckpt):
@@ -159,7 +159,43 @@ def _check_resume_early(folder: Path, config) -> None:
     path = folder / "checkpoints" / "last.ckpt" if str(ckpt) == "last" else Path(str(ckpt))
     if path.is_file():  # a missing one is named by train
         check_checkpoint_file(path)
-        check_resume(path, run_signature(config))
+        check_resume(path, run_signature(config), check_resume_allow(config.get("resume_allow")))
+
+
+_pending_records: dict[Path, dict[Path, str]] = {}  # run folder -> the .hydra/ files a resume writes once checked
+
+
+def _defer_run_record(folder: Path, config) -> None:
+    """A resume: Hydra is told not to write ``.hydra/`` (``hydra.output_subdir`` null for this job); the files it
+    would write are kept here and written by :func:`write_run_record` once the resume has passed every check
+    (the network's signature needs the task built), so a refused resume leaves the run's record as it was."""
+    import copy
+    import os
+
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    subdir = OmegaConf.select(config, "hydra.output_subdir")
+    if subdir is None:
+        return
+    full = copy.deepcopy(config)
+    with read_write(full.hydra.runtime), open_dict(full.hydra.runtime):
+        full.hydra.runtime.output_dir = os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir")))
+    task = copy.deepcopy(full)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    where = Path(full.hydra.runtime.output_dir) / str(subdir)
+    hydra_cfg = OmegaConf.masked_copy(full, "hydra")  # what Hydra writes as hydra.yaml (HydraConfig's copy)
+    _pending_records[folder] = {where / "config.yaml": OmegaConf.to_yaml(task),
+                                where / "hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+                                where / "overrides.yaml": OmegaConf.to_yaml(full.hydra.overrides.task)}
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.output_subdir = None
+
+
+def write_run_record(folder: Path) -> None:
+    """Write the ``.hydra/`` files a checked resume into ``folder`` holds back (nothing when there are none)."""
+    for path, text in _pending_records.pop(Path(folder).resolve(), {}).items():
+        atomic_write(path, text)
 
 
 class RunFolderCallback(_HydraCallback):
@@ -181,6 +217,8 @@ class RunFolderCallback(_HydraCallback):
             self._folder = folder
             check_not_finished(folder, config.get("ckpt_path"), config.get("overwrite", False))
             _check_resume_early(folder, config)
+            if _resuming(config.get("ckpt_path")):
+                _defer_run_record(folder, config)
         except PrefoptError as err:  # Hydra turns a callback's Exception into a warning: leave here, as the CLI does
             if self._folder is not None:
                 release(folder)
@@ -189,6 +227,7 @@ class RunFolderCallback(_HydraCallback):
             raise SystemExit(2) from None
 
     def on_run_end(self, config, **kwargs: Any) -> None:
+        _pending_records.clear()
         if self._folder is not None:
             release(self._folder)
             self._folder = None
@@ -200,3 +239,4 @@ def release_all() -> None:
         (folder / HOLDER_NAME).unlink(missing_ok=True)
         lock.release(force=True)
         del _held[folder]
+    _pending_records.clear()
