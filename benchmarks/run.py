@@ -420,6 +420,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads; default 1 on CPU (stable figures on a shared machine), "
                              "torch's default on GPU")
+    parser.add_argument("--clock", choices=common.CLOCKS, default=None,
+                        help="what a step's time is: 'cpu' = this process's CPU time (default on a CPU-only machine: "
+                             "robust to other jobs on it), 'wall' = elapsed time (default with a GPU)")
     parser.add_argument("--_memory-worker", metavar="SPEC", help=argparse.SUPPRESS)  # see Bench.run_memory
     args = parser.parse_args(argv)
     if args._memory_worker:
@@ -427,6 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
     threads = args.threads or (None if torch.cuda.is_available() else 1)
     if threads:
         torch.set_num_threads(threads)
+    common.set_clock(args.clock or ("wall" if torch.cuda.is_available() else "cpu"))
     cfg = {**(SMOKE if args.smoke else FULL)}
     cfg = json.loads(json.dumps(cfg))  # a private copy
     cfg["memory_only"] = bool(args.memory_only)
@@ -434,7 +438,8 @@ def main(argv: list[str] | None = None) -> dict:
     bench = Bench(cfg)
     results: dict[str, Any] = {"mode": "smoke" if args.smoke else "full", "machine": common.machine(),
                                "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
-                               "settings": cfg, "targets": TARGETS, "benchmarks": {}}
+                               "settings": cfg, "clock": common.clock(),
+                               "threads": threads, "targets": TARGETS, "benchmarks": {}}
     out = Path(args.out)
     for name in args.only or list(BENCHMARKS):
         torch.manual_seed(0)

@@ -266,15 +266,18 @@ def _frozen_with_lora(network):
     return unet
 
 
-class DiffusionScriptLoop:
-    """The training step of diffusers' ``train_diffusion_dpo.py``, as a plain loop on the same UNet and batch."""
+class _LoraScriptLoop:
+    """A plain loop over pre-built batches of a LoRA UNet (the reference: adapters disabled): AdamW on the LoRA
+    factors, :meth:`loss` per batch (what the two scripts differ in)."""
 
     def __init__(self, network, pairs: TensorPairs, batch_size: int, beta: float, lr: float = 1e-4,
                  weight_decay: float = 0.01):
         self.unet = _frozen_with_lora(network)
-        self.scheduler = ddpm()
         self.batches = batches_of(pairs, batch_size)
         self.beta, self.lr, self.weight_decay = beta, lr, weight_decay
+
+    def loss(self, unet, batch) -> torch.Tensor:
+        raise NotImplementedError
 
     def run(self, n: int) -> list[float]:
         unet = self.unet
@@ -282,29 +285,8 @@ class DiffusionScriptLoop:
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         unet.train()
         stamps = []
-        alphas = self.scheduler.alphas_cumprod.to(device())
-        self.scheduler.alphas_cumprod = alphas
         for i in range(n):
-            batch = self.batches[i % len(self.batches)]
-            latents = torch.cat([batch["chosen_latents"], batch["rejected_latents"]])
-            half = latents.shape[0] // 2
-            noise = torch.randn_like(latents[:half]).repeat(2, 1, 1, 1)
-            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (half,),
-                                      device=latents.device).long().repeat(2)
-            noisy = self.scheduler.add_noise(latents, noise, timesteps)
-            hidden = batch["encoder_hidden_states"].repeat(2, 1, 1)
-            pred = unet(noisy, timesteps, hidden).sample
-            model_losses = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=[1, 2, 3])
-            model_w, model_l = model_losses.chunk(2)
-            model_diff = model_w - model_l
-            with torch.no_grad():
-                unet.disable_adapters()
-                ref_pred = unet(noisy, timesteps, hidden).sample.detach()
-                ref_losses = F.mse_loss(ref_pred.float(), noise.float(), reduction="none").mean(dim=[1, 2, 3])
-                ref_w, ref_l = ref_losses.chunk(2)
-                ref_diff = ref_w - ref_l
-                unet.enable_adapters()
-            loss = -F.logsigmoid(self.beta * (ref_diff - model_diff)).mean()
+            loss = self.loss(unet, self.batches[i % len(self.batches)])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -312,7 +294,38 @@ class DiffusionScriptLoop:
         return intervals(stamps)
 
 
-class FlowScriptLoop:
+class DiffusionScriptLoop(_LoraScriptLoop):
+    """The training step of diffusers' ``train_diffusion_dpo.py``, as a plain loop on the same UNet and batch."""
+
+    def __init__(self, network, pairs: TensorPairs, batch_size: int, beta: float, lr: float = 1e-4,
+                 weight_decay: float = 0.01):
+        super().__init__(network, pairs, batch_size, beta, lr, weight_decay)
+        self.scheduler = ddpm()
+        self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device())
+
+    def loss(self, unet, batch) -> torch.Tensor:
+        latents = torch.cat([batch["chosen_latents"], batch["rejected_latents"]])
+        half = latents.shape[0] // 2
+        noise = torch.randn_like(latents[:half]).repeat(2, 1, 1, 1)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (half,),
+                                  device=latents.device).long().repeat(2)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        hidden = batch["encoder_hidden_states"].repeat(2, 1, 1)
+        pred = unet(noisy, timesteps, hidden).sample
+        model_losses = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=[1, 2, 3])
+        model_w, model_l = model_losses.chunk(2)
+        model_diff = model_w - model_l
+        with torch.no_grad():
+            unet.disable_adapters()
+            ref_pred = unet(noisy, timesteps, hidden).sample.detach()
+            ref_losses = F.mse_loss(ref_pred.float(), noise.float(), reduction="none").mean(dim=[1, 2, 3])
+            ref_w, ref_l = ref_losses.chunk(2)
+            ref_diff = ref_w - ref_l
+            unet.enable_adapters()
+        return -F.logsigmoid(self.beta * (ref_diff - model_diff)).mean()
+
+
+class FlowScriptLoop(_LoraScriptLoop):
     """Flow-matching Diffusion-DPO written as a plain loop, the math of flow_grpo's ``scripts/train_sd3_dpo.py``.
 
     LoRA via ``unet.add_adapter`` and the reference by ``disable_adapters()`` (as :class:`DiffusionScriptLoop`);
@@ -325,41 +338,27 @@ class FlowScriptLoop:
     def __init__(self, network, pairs: TensorPairs, batch_size: int, beta: float, lr: float = 1e-4,
                  weight_decay: float = 0.01):
         from diffusers.training_utils import compute_density_for_timestep_sampling
-        self.unet = _frozen_with_lora(network)
+        super().__init__(network, pairs, batch_size, beta, lr, weight_decay)
         scheduler = flow_scheduler()
         self.timesteps, self.sigmas = scheduler.timesteps.to(device()), scheduler.sigmas.to(device())
         self.density = compute_density_for_timestep_sampling
-        self.batches = batches_of(pairs, batch_size)
-        self.beta, self.lr, self.weight_decay = beta, lr, weight_decay
 
-    def run(self, n: int) -> list[float]:
-        unet = self.unet
-        params = [p for p in unet.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        unet.train()
-        stamps = []
-        for i in range(n):
-            batch = self.batches[i % len(self.batches)]
-            latents = torch.cat([batch["chosen_latents"], batch["rejected_latents"]])
-            half = latents.shape[0] // 2
-            u = self.density("logit_normal", half, logit_mean=0.0, logit_std=1.0)
-            index = (u * 1000).long().clamp(0, 999).to(latents.device)
-            timesteps = self.timesteps[index].repeat(2)
-            sigma = self.sigmas[index].repeat(2).view(-1, 1, 1, 1)
-            noise = torch.randn_like(latents[:half]).repeat(2, 1, 1, 1)
-            noisy = (1.0 - sigma) * latents + sigma * noise
-            target = noise - latents
-            hidden = batch["encoder_hidden_states"].repeat(2, 1, 1)
-            pred = unet(noisy, timesteps, hidden).sample
-            model_w, model_l = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3]).chunk(2)
-            with torch.no_grad():
-                unet.disable_adapters()
-                ref_pred = unet(noisy, timesteps, hidden).sample
-                ref_w, ref_l = F.mse_loss(ref_pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3]).chunk(2)
-                unet.enable_adapters()
-            loss = -F.logsigmoid(-0.5 * self.beta * ((model_w - ref_w) - (model_l - ref_l))).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            stamps.append(now())
-        return intervals(stamps)
+    def loss(self, unet, batch) -> torch.Tensor:
+        latents = torch.cat([batch["chosen_latents"], batch["rejected_latents"]])
+        half = latents.shape[0] // 2
+        u = self.density("logit_normal", half, logit_mean=0.0, logit_std=1.0)
+        index = (u * 1000).long().clamp(0, 999).to(latents.device)
+        timesteps = self.timesteps[index].repeat(2)
+        sigma = self.sigmas[index].repeat(2).view(-1, 1, 1, 1)
+        noise = torch.randn_like(latents[:half]).repeat(2, 1, 1, 1)
+        noisy = (1.0 - sigma) * latents + sigma * noise
+        target = noise - latents
+        hidden = batch["encoder_hidden_states"].repeat(2, 1, 1)
+        pred = unet(noisy, timesteps, hidden).sample
+        model_w, model_l = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3]).chunk(2)
+        with torch.no_grad():
+            unet.disable_adapters()
+            ref_pred = unet(noisy, timesteps, hidden).sample
+            ref_w, ref_l = F.mse_loss(ref_pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3]).chunk(2)
+            unet.enable_adapters()
+        return -F.logsigmoid(-0.5 * self.beta * ((model_w - ref_w) - (model_l - ref_l))).mean()

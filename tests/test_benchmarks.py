@@ -21,6 +21,31 @@ def test_fit_exponent_recovers_a_power_law():
     assert fit_exponent(sizes, [0.2 * s for s in sizes]) == pytest.approx(1.0)
 
 
+def test_cpu_clock_counts_work_not_waiting():
+    import time
+
+    from benchmarks import common
+
+    try:
+        with pytest.raises(ValueError, match="allowed: wall, cpu"):
+            common.set_clock("gpu")
+        common.set_clock("cpu")
+        start, wall = common.now(), time.perf_counter()
+        time.sleep(0.3)  # waiting, as for a core taken by another job
+        assert common.now() - start < 0.1 and time.perf_counter() - wall >= 0.3
+        start = common.now()
+        total = 0
+        while common.now() - start < 0.05:  # the CPU clock does advance with work
+            total += sum(range(1000))
+        assert total > 0
+        common.set_clock("wall")
+        start = common.now()
+        time.sleep(0.1)
+        assert common.now() - start >= 0.1
+    finally:
+        common.set_clock("wall")
+
+
 def test_trl_benchmark_is_skipped_when_trl_is_missing(monkeypatch):
     from benchmarks import run, trl_runner
 
@@ -80,6 +105,7 @@ def test_smoke_run_writes_every_benchmark(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(out.read_text())
     assert results["mode"] == "smoke"
+    assert results["clock"] == "cpu" and results["threads"] == 1  # the defaults without a GPU
     assert {"machine", "settings", "targets", "table", "benchmarks", "peak_memory_method"} <= set(results)
     bench = results["benchmarks"]
     assert set(bench) == {"trl", "diffusion_script", "flow", "overhead", "reference", "scaling"}

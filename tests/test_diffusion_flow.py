@@ -19,6 +19,8 @@ from prefopt.policy import concatenate_pairs, split_pairs
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel  # noqa: E402
 
+from tests.test_diffusion import perturbed  # noqa: E402
+
 torch.set_num_threads(1)
 N_TRAIN = 1000
 
@@ -28,15 +30,6 @@ def tiny_sd3(seed: int = 0) -> SD3Transformer2DModel:
     return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                  caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=16)
-
-
-def perturbed(network, seed: int = 1, scale: float = 0.05):
-    other = copy.deepcopy(network)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return other
 
 
 def pair_batch(b: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:

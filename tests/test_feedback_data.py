@@ -64,6 +64,28 @@ def test_binary_labels_median_and_threshold():
         binary_labels(ScriptedTeacher(), rewards, threshold="mean")
 
 
+def test_binary_labels_judge_samples_against_their_start_state():
+    # two start states, two branches each: a high one (returns -10, -12) and a low one (-100, -90). The oracle
+    # prefers -10 over -12 and -90 over -100; an absolute cut (the median, -56) labels the start states instead
+    returns = torch.tensor([-10.0, -12.0, -100.0, -90.0])
+    assert binary_labels(ScriptedTeacher(), returns).label.tolist() == [1, 1, 0, 0]
+    for threshold in ("median", "group_mean", 0.0):
+        labels = binary_labels(ScriptedTeacher(), returns, threshold=threshold, group_size=2, start_size=2)
+        assert labels.label.tolist() == [1, 0, 0, 1], threshold
+    # per-step rewards with a mask: the advantage of the masked returns; a group of 4 made of 2 start states
+    steps = torch.tensor([[-5.0, -5.0, 9.0], [-6.0, -6.0, 0.0], [-50.0, -50.0, 0.0], [-40.0, -50.0, 0.0]])
+    mask = torch.tensor([[True, True, False]] + [[True, True, True]] * 3)
+    labels = binary_labels(ScriptedTeacher(), steps, mask, threshold="group_mean", group_size=4, start_size=2)
+    assert labels.label.tolist() == [1, 0, 0, 1]
+    # the equal threshold applies to the advantage: pair 2's gap of 10 (advantages +-5) is too close to call at 6
+    equal = binary_labels(ScriptedTeacher("equal", equal_threshold=6.0), returns, start_size=2, threshold=0.0)
+    assert equal.keep.tolist() == [False, False, False, False]
+    assert binary_labels(ScriptedTeacher("equal", equal_threshold=1.5), returns, start_size=2,
+                         threshold=0.0).keep.tolist() == [False, False, True, True]
+    with pytest.raises(PrefoptError, match="4 items do not split into start states of 3"):
+        binary_labels(ScriptedTeacher(), returns, start_size=3)
+
+
 def test_scores_are_discounted_returns_and_refuse_mistakes():
     r = torch.tensor([[[1.0, 2.0], [0.0, 4.0]]])  # one group, two items, two steps
     assert teacher_scores(ScriptedTeacher("myopic", gamma=0.5), r).tolist() == [[0.5 + 2.0, 4.0]]

@@ -61,3 +61,28 @@ def test_control_groups_of_two_are_the_pairs_segments(make_config):
     order = rank(task.teacher, groups.rewards, groups.mask).order
     chosen_first = {tuple(g[o[0]].flatten().tolist()) for g, o in zip(groups.items["obs"], order)}
     assert chosen_first == {tuple(x.flatten().tolist()) for x in pairs.chosen["obs"]}
+
+
+def test_control_binary_labels_are_the_pair_teachers_answers(make_config):
+    """Binary labels of branch pairs judge each branch against the other from its start state: the pair
+    teacher's chosen segment is desirable, its rejected one undesirable, under every threshold rule."""
+    pytest.importorskip("gymnasium")
+    from hydra.utils import instantiate
+
+    from prefopt.feedback.train import FeedbackConfig, feedback_from_groups
+    from tests.test_control_task import TINY
+
+    cfg = make_config("domain=control", *TINY, "domain.task.num_pairs=24")
+    task = instantiate(cfg.domain.task)
+    policy = task.build_policy()
+    pairs = task.pairs(policy, 0)
+    groups = task.groups(policy, 0, 2)
+    assert groups.start_size == 2
+    chosen = {tuple(x.flatten().tolist()) for x in pairs.chosen["obs"]}
+    rejected = {tuple(x.flatten().tolist()) for x in pairs.rejected["obs"]}
+    for threshold in ("median", "group_mean"):
+        data = feedback_from_groups(groups, FeedbackConfig(kind="binary", group_size=2, threshold=threshold),
+                                    task.teacher)
+        assert len(data) == 2 * len(pairs)
+        for obs, label in zip(data.items["obs"], data.label.tolist()):
+            assert tuple(obs.flatten().tolist()) in (chosen if label == 1 else rejected), threshold

@@ -14,7 +14,7 @@ from prefopt.feedback.data import (
     mismatched_samples,
     split_ranked,
 )
-from prefopt.feedback.module import BinaryFeedbackModule, RankingFeedbackModule
+from prefopt.feedback.module import BinaryFeedbackModule, RankingFeedbackModule, draw_groups
 from prefopt.policy import PreferencePolicy
 from tests.toy import LossRecorder, loader, trainer
 
@@ -110,6 +110,28 @@ def test_pair_only_draw_is_a_clear_error_for_rankings():
     module = RankingFeedbackModule(make_policy(PairOnlyDraw), loss={"loss_type": "plackett_luce", "beta": 0.5})
     with pytest.raises(PrefoptError, match=r"draw\(samples, generator, group=K\)"):
         module.ranked_logps(ranking_data(groups=4, k=3)[torch.arange(4)], torch.Generator().manual_seed(0))
+
+
+class BrokenGroupDraw(GroupNoisyRegression):
+    def draw(self, samples, generator=None, group: int = 2):  # takes group, fails inside for its own reason
+        raise TypeError("draw: group noise of the wrong type")
+
+
+class KeywordDraw(GroupNoisyRegression):
+    def draw(self, samples, generator=None, **options):
+        return super().draw(samples, generator, **options)
+
+
+def test_whether_draw_takes_group_is_read_from_its_signature():
+    from prefopt.feedback.module import draws_groups
+
+    assert draws_groups(make_policy()) and draws_groups(make_policy(KeywordDraw))
+    assert not draws_groups(make_policy(PairOnlyDraw))
+    samples = {"x": torch.zeros(6, 3)}
+    assert draw_groups(make_policy(KeywordDraw), samples, torch.Generator().manual_seed(0), 3).shape == (6, 3)
+    # a TypeError raised inside a draw that takes group is the adapter's own error, passed on unchanged
+    with pytest.raises(TypeError, match="group noise of the wrong type"):
+        draw_groups(make_policy(BrokenGroupDraw), samples, None, 3)
 
 
 def test_kto_mismatched_kl_scores_the_rotated_rows():

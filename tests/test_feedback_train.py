@@ -136,12 +136,64 @@ def test_a_feedback_file_trains_the_bandit(make_config, tmp_path):
 
 
 @pytest.mark.parametrize("kind,rows,match", [
+    # binary label not 0/1/bool
+    ("binary", [{"sample_actions": [0.0], "label": 1}, {"sample_actions": [1.0], "label": "yes"}],
+     r"row 1, column 'label' holds str 'yes'; allowed: 0, 1, true or false"),
+    ("binary", [{"sample_actions": [0.0], "label": 1}, {"sample_actions": [1.0], "label": 0.5}],
+     r"row 1, column 'label' is not 0 or 1; allowed: 0, 1, true or false"),
+    ("binary", [{"sample_actions": [0.0], "label": [1]}], r"row 0, column 'label' has shape \[1\]; allowed: 0, 1"),
+    # scores not numbers, or the wrong number of them
+    ("scores", [{"sample_actions": [[0.0], [1.0]], "scores": [1.0, 2.0]},
+                {"sample_actions": [[0.0], [1.0]], "scores": [1.0, "high"]}],
+     r"row 1, column 'scores' holds str 'high'; allowed: a list of K = 2 finite numbers per row"),
+    ("scores", [{"sample_actions": [[0.0], [1.0]], "scores": [True, False]}], r"row 0, column 'scores' holds booleans"),
+    ("scores", [{"sample_actions": [[0.0], [1.0]], "scores": [1.0, 2.0]},
+                {"sample_actions": [[0.0], [1.0]], "scores": [1.0, 2.0, 3.0]}],
+     r"row 1, column 'scores' has shape \[3\] but row 0 has \[2\]; allowed: a list of K = 2"),
+    ("scores", [{"sample_actions": [[0.0], [1.0]], "scores": [1.0, 2.0]},
+                {"sample_actions": [[0.0], [1.0]], "scores": [1.0, float("inf")]}],
+     r"row 1, column 'scores' contains NaN or inf"),
+    # ranking tie of the wrong length or type
+    ("ranking", [{"sample_actions": [[0.0], [1.0], [2.0]], "tie": [False, True]}],
+     r"row 0, column 'tie' has shape \[2\]; allowed: a list of K\(K-1\)/2 = 3 booleans"),
+    ("ranking", [{"sample_actions": [[0.0], [1.0]], "tie": [0]}, {"sample_actions": [[0.0], [1.0]], "tie": [2]}],
+     r"row 1, column 'tie' holds values other than booleans or 0/1"),
+    ("ranking", [{"sample_actions": [[0.0], [1.0]], "tie": [None]}], r"row 0, column 'tie' holds NoneType 'None'"),
+    # a sample or condition column of the wrong type
+    ("binary", [{"sample_actions": [0.0], "label": 1}, {"sample_actions": ["left"], "label": 0}],
+     r"row 1, column 'sample_actions' holds str 'left'; allowed: numbers, booleans and \(nested\) lists"),
+    ("binary", [{"sample_actions": [0.0], "obs": {"x": 1}, "label": 1}], r"row 0, column 'obs' holds dict"),
+    ("ranking", [{"sample_actions": [[0.0, 1.0], [1.0]]}], r"row 0, column 'sample_actions' holds nested lists of "
+                                                          r"different shapes"),
+])
+def test_wrong_column_types_name_the_file_row_and_column(tmp_path, kind, rows, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(PrefoptError, match=match) as info:
+        load_feedback(kind, path)
+    assert "\n" not in str(info.value) and str(info.value).startswith(f"{path}: ")
+
+
+def test_wrong_column_types_in_parquet_and_npz(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"sample_actions": [[0.0], [1.0]], "label": ["1", "0"]}), tmp_path / "b.parquet")
+    with pytest.raises(PrefoptError, match=r"b.parquet: row 0, column 'label' holds str '1'"):
+        load_feedback("binary", tmp_path / "b.parquet")
+    np.savez(tmp_path / "s.npz", sample_actions=np.zeros((2, 2, 1)), scores=np.array([["a", "b"], ["c", "d"]]))
+    with pytest.raises(PrefoptError, match=r"s.npz: row 0, column 'scores' holds str_ 'a'"):
+        load_feedback("scores", tmp_path / "s.npz")
+
+
+@pytest.mark.parametrize("kind,rows,match", [
     ("binary", [{"sample_actions": [0.0, 1.0]}], "needs a 'label' column"),
-    ("binary", [{"sample_actions": [0.0], "label": 2}], "column 'label' must hold one 0/1"),
+    ("binary", [{"sample_actions": [0.0], "label": 2}], "row 0, column 'label' is not 0 or 1"),
     ("binary", [{"obs": [1.0], "label": 1}], "needs at least one sample_<key> column"),
-    ("ranking", [{"sample_actions": [[0.0], [1.0]]}, {"sample_actions": [[0.0]]}], "rows of different shapes"),
+    ("ranking", [{"sample_actions": [[0.0], [1.0]]}, {"sample_actions": [[0.0]]}], r"row 1, column 'sample_actions' has shape \[1, 1\] but row 0 has \[2, 1\]"),
     ("ranking", [{"sample_actions": [[0.0]]}], "K=1 samples"),
-    ("scores", [{"sample_actions": [[0.0], [1.0]], "scores": [1.0]}], "must hold K = 2 numbers"),
+    ("scores", [{"sample_actions": [[0.0], [1.0]], "scores": [1.0]}], r"row 0, column 'scores' has shape \[1\]; allowed: a list of K = 2 finite numbers"),
     ("scores", [{"sample_actions": [[0.0], [1.0]], "scores": [1.0, float("nan")]}], "NaN or inf"),
 ])
 def test_schema_errors_are_one_clear_line(tmp_path, kind, rows, match):

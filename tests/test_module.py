@@ -98,6 +98,50 @@ def test_adapter_moves_only_lora_weights_and_keeps_no_second_copy():
                                fresh.log_likelihood(fresh.network, batch, draw))
 
 
+def _lora_network_with_moved_adapters():
+    from peft import LoraConfig, get_peft_model
+
+    policy = make_policy()
+    network = get_peft_model(policy.network, LoraConfig(r=4, lora_alpha=4, target_modules=list(policy.lora_targets)))
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.3)  # non-zero adapters: enabled and disabled outputs differ
+    return network
+
+
+def test_adapters_disabled_matches_peft_disable_adapter_without_its_status_scan(monkeypatch):
+    from prefopt.reference import adapters_disabled
+
+    network = _lora_network_with_moved_adapters()
+    x = torch.randn(5, next(network.parameters()).shape[-1])
+    adapted = network(x)
+    with network.disable_adapter():
+        base = network(x)
+    assert not torch.allclose(adapted, base)
+    monkeypatch.setattr(type(network), "get_model_status", lambda self: pytest.fail("scanned the model"))
+    with adapters_disabled(network):
+        torch.testing.assert_close(network(x), base, rtol=0, atol=0)
+    torch.testing.assert_close(network(x), adapted, rtol=0, atol=0)  # back on after the context
+    assert all(p.requires_grad for n, p in network.named_parameters() if "lora_" in n)
+    with pytest.raises(RuntimeError, match="inside"):
+        with adapters_disabled(network):
+            raise RuntimeError("inside")
+    torch.testing.assert_close(network(x), adapted, rtol=0, atol=0)  # also after an error inside
+
+
+def test_adapters_disabled_leaves_adapters_already_off_to_peft():
+    from prefopt.reference import adapters_disabled
+
+    network = _lora_network_with_moved_adapters()
+    x = torch.randn(3, next(network.parameters()).shape[-1])
+    with network.disable_adapter():
+        base = network(x)
+        with adapters_disabled(network):  # nested: must not switch them back on when it leaves
+            torch.testing.assert_close(network(x), base, rtol=0, atol=0)
+        torch.testing.assert_close(network(x), base, rtol=0, atol=0)
+
+
 def test_sync_moves_the_reference_by_the_tr_dpo_rule():
     module, _ = _fit({"name": "sync", "sync_every": 1, "alpha": 1.0}, epochs=1)
     for ref, pol in zip(module.reference.network.parameters(), module.policy.network.parameters()):

@@ -193,12 +193,17 @@ class Groups:
         shared: per-group tensors ``[G, ...]`` (context, class label, prompt); the condition of every sample.
         rewards: true rewards ``[G, K]`` (one per sample) or ``[G, K, H]`` per step (with ``mask``).
         mask: optional bool ``[G, K, H]``; False marks padding steps.
+        start_size: runs of this many consecutive samples of a group start from one state (control segments
+            branched from one start state: 2), so their rewards are comparable with each other only; ``None``:
+            every sample's reward is comparable with every other's. Binary labels judge a sample by its reward
+            relative to its start state's (:func:`prefopt.feedback.teach.binary_labels`).
     """
 
     items: dict[str, torch.Tensor]
     shared: dict[str, torch.Tensor]
     rewards: torch.Tensor
     mask: torch.Tensor | None = None
+    start_size: int | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

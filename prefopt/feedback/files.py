@@ -75,24 +75,71 @@ def read_columns(path: str | Path, split: str | None = None) -> dict[str, Any]:
                        ".json, .parquet, .npz, or a datasets folder (save_to_disk)")
 
 
-def _tensor(path, name: str, values) -> torch.Tensor:
+VALUES = "numbers, booleans and (nested) lists of them, one shape per column"
+
+
+class _BadValue(ValueError):
+    """A row value that is not a number, a boolean or a rectangular list of them."""
+
+
+def _shape(value) -> tuple[int, ...]:
+    """The shape of one row's value; :class:`_BadValue` says what is wrong with it."""
+    if isinstance(value, (bool, int, float, np.bool_, np.number)):
+        return ()
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return value.shape
+    if isinstance(value, (list, tuple, np.ndarray)):
+        shapes = {_shape(item) for item in value}
+        if len(shapes) > 1:
+            raise _BadValue(f"holds nested lists of different shapes {sorted(shapes)}")
+        return (len(value), *(shapes.pop() if shapes else ()))
+    raise _BadValue(f"holds {type(value).__name__} {str(value)[:40]!r}")
+
+
+def _bad_row(path, name: str, values, allowed: str) -> PrefoptError:
+    """The error naming the first row of a column whose value has the wrong type or shape."""
+    first = None
+    for row, value in enumerate(values):
+        try:
+            shape = _shape(value)
+        except _BadValue as err:
+            return PrefoptError(f"{path}: row {row}, column {name!r} {err}; allowed: {allowed}")
+        if first is None:
+            first = shape
+        elif shape != first:
+            return PrefoptError(f"{path}: row {row}, column {name!r} has shape {list(shape)} but row 0 has "
+                                f"{list(first)}; allowed: {allowed} (pad sequences to one length, with a mask column)")
+    return PrefoptError(f"{path}: column {name!r} cannot be read as an array; allowed: {allowed}")
+
+
+def _row_error(path, name: str, rows, what: str, allowed: str) -> PrefoptError:
+    """The error naming the first row where ``rows`` (bool ``[N]``) is True."""
+    row = int(np.flatnonzero(np.asarray(rows))[0])
+    return PrefoptError(f"{path}: row {row}, column {name!r} {what}; allowed: {allowed}")
+
+
+def _tensor(path, name: str, values, allowed: str = VALUES) -> torch.Tensor:
+    """A column as a tensor: floats float32, integers int64, booleans bool; a wrong row is named."""
     try:
         array = np.asarray(values)
     except ValueError:
         array = np.asarray(values, dtype=object)
-    if array.dtype == object:
-        raise PrefoptError(f"{path}: column {name!r} has rows of different shapes; every row of a column must "
-                           "have one shape (pad sequences to one length, with a mask column)")
+    if array.dtype.kind not in "biuf":
+        raise _bad_row(path, name, values, allowed)
     if array.dtype.kind == "b":
         return torch.from_numpy(array.copy())
     if array.dtype.kind in "iu":
         return torch.from_numpy(array.astype(np.int64))
-    if array.dtype.kind == "f":
-        if not np.isfinite(array).all():
-            raise PrefoptError(f"{path}: column {name!r} contains NaN or inf; values must be finite")
-        return torch.from_numpy(array.astype(np.float32))
-    raise PrefoptError(f"{path}: column {name!r} has values of type {array.dtype}; allowed: numbers, booleans, "
-                       "and lists of them")
+    finite = np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1) if array.ndim else np.isfinite(array)
+    if not finite.all():
+        raise _row_error(path, name, ~finite, "contains NaN or inf", "finite values")
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def _per_row(path, name: str, tensor: torch.Tensor, shape: tuple[int, ...], allowed: str) -> None:
+    """Each row of ``tensor`` must have ``shape``; else the error names row 0 (all rows share one shape here)."""
+    if tuple(tensor.shape[1:]) != shape:
+        raise PrefoptError(f"{path}: row 0, column {name!r} has shape {list(tensor.shape[1:])}; allowed: {allowed}")
 
 
 def _split(path, columns: dict[str, Any], own: tuple[str, ...], kind: str):
@@ -123,9 +170,11 @@ def load_binary(path, split: str | None = None) -> TensorSamples:
         raise PrefoptError(f"{path}: feedback=binary needs a 'label' column (1 desirable, 0 undesirable); "
                            f"found columns {sorted(columns)}")
     items, condition = _split(path, columns, ("label",), "binary")
-    label = _tensor(path, "label", columns["label"])
-    if label.dim() != 1 or not bool(((label == 0) | (label == 1)).all()):
-        raise PrefoptError(f"{path}: column 'label' must hold one 0/1 (or bool) value per row")
+    allowed = "0, 1, true or false (1 = desirable), one per row"
+    label = _tensor(path, "label", columns["label"], allowed)
+    _per_row(path, "label", label, (), allowed)
+    if label.dtype != torch.bool and not bool(((label == 0) | (label == 1)).all()):
+        raise _row_error(path, "label", ~((label == 0) | (label == 1)).numpy(), "is not 0 or 1", allowed)
     return TensorSamples(items, condition, label.to(torch.int64))
 
 
@@ -135,9 +184,14 @@ def load_ranking(path, split: str | None = None) -> TensorRankings:
     k = _group_size(path, items)
     tie = None
     if "tie" in columns:
-        tie = _tensor(path, "tie", columns["tie"])
-        if tie.dim() != 2 or tie.shape[1] != k * (k - 1) // 2:
-            raise PrefoptError(f"{path}: column 'tie' must hold K(K-1)/2 = {k * (k - 1) // 2} booleans per row")
+        allowed = f"a list of K(K-1)/2 = {k * (k - 1) // 2} booleans (or 0/1) per row"
+        tie = _tensor(path, "tie", columns["tie"], allowed)
+        _per_row(path, "tie", tie, (k * (k - 1) // 2,), allowed)
+        if tie.dtype != torch.bool:
+            ok = ((tie == 0) | (tie == 1)).all(dim=1)
+            if not bool(ok.all()):
+                raise _row_error(path, "tie", (~ok).numpy(), "holds values other than booleans or 0/1", allowed)
+            tie = tie.bool()
     return TensorRankings(items, shared, tie)
 
 
@@ -148,9 +202,11 @@ def load_scores(path, split: str | None = None) -> Groups:
                            f"found columns {sorted(columns)}")
     items, shared = _split(path, columns, ("scores",), "scores")
     k = _group_size(path, items)
-    scores = _tensor(path, "scores", columns["scores"])
-    if scores.dim() != 2 or scores.shape[1] != k or not scores.is_floating_point() and scores.dtype == torch.bool:
-        raise PrefoptError(f"{path}: column 'scores' must hold K = {k} numbers per row, one per sample")
+    allowed = f"a list of K = {k} finite numbers per row, one per sample"
+    scores = _tensor(path, "scores", columns["scores"], allowed)
+    if scores.dtype == torch.bool:
+        raise PrefoptError(f"{path}: row 0, column 'scores' holds booleans; allowed: {allowed}")
+    _per_row(path, "scores", scores, (k,), allowed)
     return Groups(items, shared, scores.to(torch.float64))
 
 

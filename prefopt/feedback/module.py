@@ -15,6 +15,7 @@ batch draws one per row (``group=1``), or, when it also scores TRL's mismatched 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping
 
 import torch
@@ -46,19 +47,23 @@ from prefopt.reference import PrecomputedReference
 KL_ESTIMATES = ("mismatched", "batch")
 
 
+def draws_groups(policy: PreferencePolicy) -> bool:
+    """Whether ``policy.draw`` takes ``group`` (rows sharing one draw), read from its signature."""
+    parameters = inspect.signature(policy.draw).parameters.values()
+    return any(p.name == "group" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               or p.kind == p.VAR_KEYWORD for p in parameters)
+
+
 def draw_groups(policy: PreferencePolicy, samples: Mapping[str, Any], generator, group: int):
     """``policy.draw`` with ``group`` rows sharing one draw (``group=2`` is the pair draw every adapter has)."""
     if group == 2 or not policy.stochastic:
         return policy.draw(samples, generator)
-    try:
-        return policy.draw(samples, generator, group=group)
-    except TypeError as err:
-        if "group" not in str(err):
-            raise
+    if not draws_groups(policy):
         raise PrefoptError(
             f"{type(policy).__name__}.draw shares one draw between the two rows of a pair only; binary and "
             f"ranking feedback need draw(samples, generator, group=K) (rows i, i + N/K, ... share one draw)"
-        ) from None
+        )
+    return policy.draw(samples, generator, group=group)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

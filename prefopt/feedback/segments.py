@@ -50,4 +50,5 @@ def segment_groups(task, policy, size: int, num_pairs: int, stream: int, desc: s
     # the whole segments' rewards: with explore_steps the learner sees a prefix, the teacher judges it all
     rewards = regroup(r1, r2).to(torch.float64)
     mask = None if m1 is None else regroup(torch.as_tensor(m1), torch.as_tensor(m2)).bool()
-    return Groups(items, {}, rewards, mask)
+    # branch pairs start from one state: their returns compare with each other only (see Groups.start_size)
+    return Groups(items, {}, rewards, mask, start_size=2 if task.pairing == "branch" else None)

@@ -20,8 +20,18 @@ These extend :class:`prefopt.data.teachers.ScriptedTeacher` (B-Pref's knobs) fro
   is a number, ``"median"`` (the median ``D`` of the items labelled together, which makes the labels
   about half desirable, as KTO recommends) or ``"group_mean"`` (the mean ``D`` of the item's group of
   ``group_size`` consecutive items, e.g. the samples of one context or start state: a judgement relative
-  to what is usual there, where the return depends on the state more than on the behaviour). Skip: ``keep = R > skip_threshold``; equal: an item with
-  ``|D - threshold| < equal_threshold`` is too close to call and is not kept.
+  to what is usual there). Skip: ``keep = R > skip_threshold``; equal: an item with ``|D - threshold| <
+  equal_threshold`` is too close to call and is not kept.
+
+  **Samples that share a start state** (``start_size``, from :attr:`~prefopt.feedback.data.Groups.start_size`):
+  where runs of ``start_size`` consecutive items start from one state (control segments branched from one
+  start state), a return says mostly *where* a sample started, not how well it acted from there. A label
+  from it would judge the start state, which the policy cannot change: with ``threshold=median`` about two
+  thirds of Pendulum's branch pairs got one label for both branches, and KTO pushed the policy's own
+  swing-up actions down wherever the pendulum starts low (the policy got worse than the reference). So the
+  teacher judges what the sample did: ``D`` is replaced by its *advantage*, ``D`` minus the mean ``D`` of its
+  start state's items, before any threshold (a number, the median, the group mean) applies. For two
+  branches the labels are then the pair teacher's answer: the better branch desirable, the other not.
 """
 
 from __future__ import annotations
@@ -77,11 +87,20 @@ def _returns(teacher: ScriptedTeacher, rewards, mask=None) -> tuple[torch.Tensor
     return teacher.returns(flat_r, flat_m), teacher.returns(flat_r, flat_m, discounted=True), lead
 
 
+def _runs(values: torch.Tensor, size: int, what: str) -> torch.Tensor:
+    """``values`` ``[N]`` as ``[N / size, size]`` runs of consecutive items."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or values.numel() % size:
+        raise PrefoptError(f"binary_labels: {values.numel()} items do not split into {what} of {size!r}")
+    return values.reshape(-1, size)
+
+
 def binary_labels(teacher: ScriptedTeacher, rewards, mask=None, threshold: float | str = "median",
-                  generator=None, group_size: int = 1) -> BinaryLabels:
+                  generator=None, group_size: int = 1, start_size: int | None = None) -> BinaryLabels:
     """Desirable/undesirable labels for ``N`` items from their rewards ``[N]`` or ``[N, H]`` (with ``mask``).
 
-    Without a mask a 2-D ``rewards`` is per-step ``[N, H]``; a 1-D one is one scalar per item.
+    Without a mask a 2-D ``rewards`` is per-step ``[N, H]``; a 1-D one is one scalar per item. ``group_size``:
+    items per group (for ``threshold="group_mean"``); ``start_size``: runs of this many consecutive items
+    share a start state, and each item is judged by its advantage over them (see the module docstring).
     """
     rewards = torch.as_tensor(rewards)
     if mask is None and rewards.dim() == 2:
@@ -89,14 +108,15 @@ def binary_labels(teacher: ScriptedTeacher, rewards, mask=None, threshold: float
     ret, disc, lead = _returns(teacher, rewards, mask)
     if len(lead) != 1:
         raise PrefoptError(f"binary_labels: rewards of shape {tuple(rewards.shape)}; allowed: [N] or [N, H]")
+    if start_size is not None:  # judge what a sample did from its start state, not where it started
+        runs = _runs(disc, start_size, "start states")
+        disc = (runs - runs.mean(1, keepdim=True)).reshape(-1)
     if isinstance(threshold, str):
         if threshold not in THRESHOLDS:
             raise PrefoptError(f"feedback.threshold={threshold!r} is not supported; allowed: a number, median or "
                                "group_mean")
         if threshold == "group_mean":
-            if disc.numel() % group_size:
-                raise PrefoptError(f"binary_labels: {disc.numel()} items do not split into groups of {group_size}")
-            cut = disc.reshape(-1, group_size).mean(1).repeat_interleave(group_size)
+            cut = _runs(disc, group_size, "groups").mean(1).repeat_interleave(group_size)
         else:
             cut = disc.median() if disc.numel() else torch.tensor(0.0, dtype=torch.float64)
     else:

@@ -187,25 +187,31 @@ def _groups(cfg, task, policy, round_index: int, fc: FeedbackConfig) -> Groups:
         flat["rewards"] = groups.rewards
         if groups.mask is not None:
             flat["mask"] = groups.mask
+        if groups.start_size is not None:
+            flat["start_size"] = torch.tensor(groups.start_size)
         return flat
 
     task_cfg = OmegaConf.to_container(cfg.domain.task, resolve=True) if OmegaConf.is_config(cfg.domain.task) \
         else dict(cfg.domain.task)
-    key = {"task": task_cfg, "round": round_index, "group_size": fc.group_size}
+    # format 2: groups record start_size (entries written before it lack it and are not reused)
+    key = {"task": task_cfg, "round": round_index, "group_size": fc.group_size, "format": 2}
     flat = cached_tensors(cfg.paths.cache_dir, f"groups-{cfg.domain.name}", key, build)
     part = {"items": {}, "shared": {}}
     for name, value in flat.items():
         if "." in name:
             where, key_name = name.split(".", 1)
             part[where][key_name] = value
-    return Groups(part["items"], part["shared"], flat["rewards"], flat.get("mask"))
+    start = flat.get("start_size")
+    return Groups(part["items"], part["shared"], flat["rewards"], flat.get("mask"),
+                  None if start is None else int(start))
 
 
 def feedback_from_groups(groups: Groups, fc: FeedbackConfig, teacher: ScriptedTeacher):
     """The round's dataset of the configured kind from a task's groups and its teacher."""
     if fc.kind == "binary":
         rewards, mask = groups.flat_rewards()
-        labels = binary_labels(teacher, rewards, mask, threshold=fc.threshold, group_size=groups.shape[1])
+        labels = binary_labels(teacher, rewards, mask, threshold=fc.threshold, group_size=groups.shape[1],
+                               start_size=groups.start_size)
         keep = labels.keep.nonzero().flatten()
         items = {k: v[keep] for k, v in groups.flat_items().items()}
         condition = {k: v[keep] for k, v in groups.flat_shared().items()}

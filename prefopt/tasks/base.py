@@ -63,6 +63,10 @@ class Task(ABC):
     ``rounds > 1`` is iterative (online) DPO: each round collects fresh pairs with the current policy,
     and that round's reference is the policy as the round starts. ``evaluate`` always compares against
     the policy as it was before any training (``reference``).
+
+    Optional, looked up by name: ``groups(policy, round_index, size) -> prefopt.feedback.data.Groups`` gives
+    ``size`` candidates per group with their true rewards, which ``feedback=binary|ranking|scores`` turn into
+    labels, rankings or scores (see ``prefopt.feedback.train``); without it a task supports pairs only.
     """
 
     name = "task"
