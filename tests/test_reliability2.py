@@ -41,8 +41,8 @@ def one_thread():
 
 
 def snapshot(*folders: Path) -> dict[str, str]:
-    """Every file under ``folders`` (hidden ones too) -> the sha256 of its bytes. The empty lock file a run
-    leaves (``.prefopt-run.lock``, an OS lock's anchor, never deleted: that would race) is not counted."""
+    """Every file under ``folders`` (hidden ones too) -> the sha256 of its bytes. The empty lock file of a run
+    (``.prefopt-run.lock``, an OS lock's anchor; a SIGKILLed run leaves it) is not counted."""
     found = {}
     for folder in folders:
         for path in sorted(Path(folder).rglob("*")) if Path(folder).exists() else []:
@@ -119,6 +119,26 @@ def test_the_lock_is_reentrant_in_one_process_and_released(tmp_path):
     assert not (tmp_path / runlock.HOLDER_NAME).exists() and not runlock._held
 
 
+def test_the_lock_file_is_deleted_at_the_end_without_letting_two_runs_hold_the_folder(tmp_path):
+    import fcntl
+
+    lock_path = tmp_path / runlock.LOCK_NAME
+    runlock.acquire(tmp_path)
+    late = os.open(lock_path, os.O_RDWR)  # a second run that opened the lock file just before the holder let go
+    runlock.release(tmp_path)
+    assert not lock_path.exists()  # deleted (while still locked)
+    fcntl.flock(late, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the late run gets the lock, of the deleted file...
+    assert not runlock._names_file(lock_path, late)  # ...sees it (acquire retries then), so it holds nothing
+    runlock.acquire(tmp_path)  # a third run locks the file the path names now
+    try:
+        assert lock_path.exists() and not runlock._names_file(lock_path, late)
+        holder = runlock._held[tmp_path.resolve()][0]
+        assert runlock._names_file(lock_path, holder._fd)
+    finally:
+        os.close(late)
+        runlock.release(tmp_path)
+
+
 def _finished(folder: Path) -> Path:
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "config.yaml").write_text("seed: 7\n")
@@ -155,6 +175,7 @@ def test_overwrite_true_replaces_a_finished_run(tmp_path, capsys):
     assert (run / "policy.safetensors").read_bytes() != b"weights"
     assert (run / "notes.txt").read_text() == "mine"  # only the run's own results are replaced
     assert not runlock._held  # released at the end of the run
+    assert not (run / runlock.LOCK_NAME).exists() and not (run / runlock.HOLDER_NAME).exists()  # and its files gone
     code, _, err = cli(capsys, run, tmp_path / "cache", "overwrite=maybe")
     assert_one_error(code, err, ("overwrite='maybe'", "true, false"))
 
