@@ -270,3 +270,22 @@ def test_a_pairs_table_that_is_not_utf8_is_named(tmp_path):
     with pytest.raises(PrefoptError) as info:
         load_preference_images(tmp_path)
     _one_line(info.value, "pairs.csv", "is not UTF-8 text")
+
+
+def test_a_decompression_bomb_in_the_diffusion_pairs_stops_the_cli_with_one_line(tmp_path, capsys, monkeypatch):
+    """The CLI on a tiny Stable Diffusion pipeline: the bomb is found while the images are encoded, before training."""
+    pytest.importorskip("diffusers")
+    import lightning as L
+    from PIL import Image
+
+    from tiny_pipelines import save_tiny
+
+    pipe = save_tiny("sd", tmp_path / "models")
+    _pickapic(tmp_path, _png((16, 16)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # every 16 x 16 image is a "bomb" under this limit
+    monkeypatch.setattr(L.Trainer, "fit", lambda *a, **k: pytest.fail("training started"))
+    code, _, err = cli(capsys, tmp_path / "run", tmp_path / "cache", "experiment=diffusion_pickapic",
+                       f"domain.task.pretrained={pipe}", f"domain.task.data={tmp_path / 'pairs.parquet'}",
+                       "domain.task.resolution=32", "domain.task.max_sequence_length=8")
+    assert_one_error(code, err, ("pairs.parquet row", "too large to decode safely", "MAX_IMAGE_PIXELS=100"))
+    assert not list((tmp_path / "cache").rglob("*.safetensors")), "a cache entry was written"
