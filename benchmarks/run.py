@@ -420,6 +420,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads; default 1 on CPU (stable figures on a shared machine), "
                              "torch's default on GPU")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats of every variant (default 3; smoke 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 3; smoke 1)")
     parser.add_argument("--clock", choices=common.CLOCKS, default=None,
                         help="what a step's time is: 'cpu' = this process's CPU time (default on a CPU-only machine: "
                              "robust to other jobs on it), 'wall' = elapsed time (default with a GPU)")
@@ -433,6 +435,12 @@ def main(argv: list[str] | None = None) -> dict:
     common.set_clock(args.clock or ("wall" if torch.cuda.is_available() else "cpu"))
     cfg = {**(SMOKE if args.smoke else FULL)}
     cfg = json.loads(json.dumps(cfg))  # a private copy
+    for key in ("repeats", "steps"):
+        value = getattr(args, key)
+        if value is not None:
+            if value < 1:
+                parser.error(f"--{key} must be >= 1")
+            cfg[key] = value
     cfg["memory_only"] = bool(args.memory_only)
     cfg["trl_checkpointing"] = bool(args.trl_checkpointing)
     bench = Bench(cfg)

@@ -301,3 +301,30 @@ def test_frozen_baseline_holds_no_second_copy_and_scores_the_untrained_policy(re
         torch.testing.assert_close(baseline.log_likelihood(baseline.network, batch, draw), expected)
         assert not torch.allclose(policy.log_likelihood(policy.network, batch, draw), expected)  # it trained
     assert baseline.network is not policy.network
+
+
+def test_eval_mode_switches_every_submodule_and_restores_each_ones_own_mode():
+    from prefopt.reference import eval_mode
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
+    net.train()
+    net[2].eval()  # a submodule the user keeps in eval mode
+    x = torch.randn(8, 4)
+    before = {name: m.training for name, m in net.named_modules()}
+    with eval_mode(net):
+        assert not any(m.training for m in net.modules())
+        torch.testing.assert_close(net(x), net(x))  # no dropout inside
+    assert {name: m.training for name, m in net.named_modules()} == before
+
+    calls = []
+
+    class Tracked(torch.nn.Linear):
+        def train(self, mode=True):  # an override is honoured, not bypassed
+            calls.append(mode)
+            return super().train(mode)
+
+    tracked = torch.nn.Sequential(Tracked(4, 4), torch.nn.Dropout(0.5)).train()
+    calls.clear()
+    with eval_mode(tracked):
+        assert not tracked[1].training
+    assert calls == [False, True] and tracked[1].training
