@@ -23,6 +23,8 @@ import torch
 from prefopt import cli as cli_module
 from prefopt import runlock
 
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the killed runs are forks of the test process")
+
 EPOCHS, PER_EPOCH = 3, 4  # 64 pairs in batches of 16
 RUN = ["domain=bandit", "domain.task.num_pairs=64", "domain.task.num_eval=32", "domain.task.batch_size=16",
        f"trainer.max_epochs={EPOCHS}", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
