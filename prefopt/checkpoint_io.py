@@ -186,54 +186,92 @@ class RecordRunSignature(L.Callback):
     check that it continues the same run (:func:`check_resume`), with the round the checkpoint belongs to and the
     training metrics at that point (``prefopt_round``, ``prefopt_train_metrics``: :mod:`prefopt.resume`)."""
 
-    def __init__(self, signature: dict[str, Any], round_index: int = 0):
-        self.signature, self.round_index = signature, int(round_index)
+    def __init__(self, signature: dict[str, Any], round_index: int = 0, changes: Sequence[dict] = ()):
+        self.signature, self.round_index, self.changes = signature, int(round_index), list(changes)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[SIGNATURE_KEY] = self.signature
+        if self.changes:
+            checkpoint[CHANGES_KEY] = self.changes
         checkpoint["prefopt_round"] = self.round_index
         checkpoint["prefopt_train_metrics"] = train_metrics(trainer)
 
 
-def _differences(saved: Any, current: Any, key: str) -> list[str]:
+def _differences(saved: Any, current: Any, key: str) -> list[tuple[str, Any, Any]]:
     if isinstance(saved, dict) and isinstance(current, dict):
         found = []
         for name in sorted(set(saved) | set(current), key=str):
             found += _differences(saved.get(name, "<not set>"), current.get(name, "<not set>"), f"{key}.{name}")
         return found
-    return [] if saved == current else [f"{key}: checkpoint {saved!r}, this run {current!r}"]
+    return [] if saved == current else [(key.lstrip("."), saved, current)]
 
 
-def check_resume(ckpt_path: str | os.PathLike, signature: dict[str, Any]) -> None:
+#: what ``resume_allow`` may name: parts of the run signature a resume may change on purpose (the loss options:
+#: the checkpoint's weights and optimizer state load the same whatever the loss)
+RESUME_ALLOW = ("loss",)
+#: the checkpoint key listing the deliberate changes of earlier resumes (``resume_allow``), kept for the summary
+CHANGES_KEY = "prefopt_resume_changes"
+
+
+def check_resume_allow(value: Any) -> tuple[str, ...]:
+    """``resume_allow`` as a tuple of names from :data:`RESUME_ALLOW`; anything else is one PrefoptError."""
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    if value in (None, ""):
+        return ()
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or any(name not in RESUME_ALLOW for name in names):
+        raise PrefoptError(f"resume_allow={value!r} is not supported; allowed: a list of {', '.join(RESUME_ALLOW)} "
+                           "(e.g. resume_allow=[loss]: resume with other loss options than the checkpoint's), or []")
+    return tuple(names)
+
+
+def _read_signed(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - the loader names the problem
+        return load_checkpoint_file(path)
+
+
+def check_resume(ckpt_path: str | os.PathLike, signature: dict[str, Any],
+                 allow: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Refuse to resume from a checkpoint of another run: one PrefoptError naming every option that differs.
 
     Only the keys of ``signature`` are compared: the config's (a signature without ``network``) before the task
-    is built, then the network's once it is built, both before any pairs are made.
+    is built, then the network's once it is built, both before any pairs are made. Differences under a key named
+    in ``allow`` (``resume_allow``, :data:`RESUME_ALLOW`) are deliberate: they are returned (``option``,
+    ``checkpoint``, ``run``, and the checkpoint's ``epoch`` and ``global_step``), after the changes of earlier
+    resumes that the checkpoint lists, for the summary.
     A checkpoint written before checkpoints carried their config is checked on its network alone (the names and
     shapes of its ``policy.network.*`` tensors, when the network was not LoRA-wrapped)."""
     path = Path(ckpt_path)
     if path.is_dir():  # a sharded (FSDP) checkpoint: the strategy reads and checks it
-        return
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - the loader names the problem
-        checkpoint = load_checkpoint_file(path)
-    saved = checkpoint.get(SIGNATURE_KEY) if isinstance(checkpoint, dict) else None
+        return []
+    checkpoint = _read_signed(path)
+    checkpoint = checkpoint if isinstance(checkpoint, dict) else {}
+    saved = checkpoint.get(SIGNATURE_KEY)
     if saved is None:
-        state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
+        state = checkpoint.get("state_dict", {})
         prefix = "policy.network."
         network = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if "network" not in signature or not network or any("base_model." in k for k in network):
-            return
+            return []
         shapes = {k: (tuple(v.shape), v.dtype) for k, v in network.items()}
         saved = {"network": network_signature(_ShapesOnly(shapes))}
         signature = {"network": signature["network"]}
-    differs = _differences({k: saved.get(k, "<not recorded>") for k in signature}, signature, "")
+    found = _differences({k: saved.get(k, "<not recorded>") for k in signature}, signature, "")
+    differs = [(k, a, b) for k, a, b in found if k.split(".")[0] not in allow]
     if differs:
-        what = "; ".join(d.lstrip(".") for d in differs[:6]) + (f"; and {len(differs) - 6} more" if len(differs) > 6
-                                                                 else "")
+        what = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, a, b in differs[:6])
+        what += f"; and {len(differs) - 6} more" if len(differs) > 6 else ""
+        hint = " (or, for loss options, add resume_allow=[loss] to change them on purpose)" \
+            if all(k.split(".")[0] in RESUME_ALLOW for k, _, _ in differs) else ""
         raise PrefoptError(f"ckpt_path={ckpt_path}: the checkpoint was written by another run: {what}. Resume with "
-                           "the options the run was started with, or start a new run without ckpt_path")
+                           f"the options the run was started with{hint}, or start a new run without ckpt_path")
+    at = {"epoch": int(checkpoint.get("epoch", -1)) + 1, "global_step": int(checkpoint.get("global_step", 0))}
+    earlier = list(checkpoint.get(CHANGES_KEY) or [])
+    return earlier + [{"option": k, "checkpoint": a, "run": b, **at} for k, a, b in found]
 
 
 class _ShapesOnly(torch.nn.Module):

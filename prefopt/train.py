@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.atomic import atomic_write
 from prefopt.cache import cached_tensors
 from prefopt.checkpoint_io import KeepLogsWithCheckpoints, RecordRunSignature, check_checkpoint_file, check_resume, \
-    finished_run_summary, run_signature, train_metrics as checkpoint_metrics
+    check_resume_allow, finished_run_summary, run_signature, train_metrics as checkpoint_metrics
 from prefopt.data.pairs import TensorPairs
 from prefopt.degenerate import check_pairs
 from prefopt.distributed import is_fsdp, unwrapped_policy
@@ -32,7 +32,7 @@ from prefopt.losses import LOSS_ALIASES
 from prefopt.module import NONFINITE_MODES, PreferenceModule, check_loss_reference, loss_config
 from prefopt.reference import ReferenceStrategy, make_reference, policy_view
 from prefopt.resume import keep_round_checkpoint, read_progress, record_round, restore_round_end, round_checkpoint
-from prefopt.runlock import check_not_finished, hold_run_folder
+from prefopt.runlock import check_not_finished, hold_run_folder, write_run_record
 from prefopt.tasks.base import Task
 from prefopt.validation import summary_json, validate_options
 
@@ -256,8 +256,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     strategy = validate_config(cfg)
     ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"), output_dir / "checkpoints")
+    allow = check_resume_allow(cfg.get("resume_allow"))
     if ckpt_path:  # the loss, reference, domain of the checkpoint's run, before anything is built
-        check_resume(ckpt_path, run_signature(cfg))
+        check_resume(ckpt_path, run_signature(cfg), allow)
         if (done := finished_run_summary(output_dir, ckpt_path, cfg)) is not None:
             return done  # resuming a finished run changes nothing
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -268,8 +269,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     policy = task.build_policy()
     baseline = None  # the policy before any training, which evaluate() judges against (made in round 0)
     signature = run_signature(cfg, policy.network)  # saved in every checkpoint; a resume must match it
-    if ckpt_path:
-        check_resume(ckpt_path, signature)
+    changes = check_resume(ckpt_path, signature, allow) if ckpt_path else []  # resume_allow: recorded changes
+    write_run_record(output_dir)  # a resume's .hydra/, held back by the CLI until the checks above passed
     checkpoints = output_dir / "checkpoints"
     progress = read_progress(output_dir, ckpt_path, task.rounds, cfg.get("trainer"))
 
@@ -284,13 +285,14 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             restore_round_end(module, end)
             policy = module.policy
             rounds.append(progress.done[round_index]["entry"])
+            task.resumed_round(round_index, rounds[-1])
             train_metrics = progress.done[round_index]["train"]
             continue
         pairs_only = feedback_config(cfg).kind == "pairs"
         pairs = round_pairs(cfg, task, policy, round_index, strategy) if pairs_only else round_feedback(
             cfg, task, policy, round_index)
         check_pairs(pairs, f"round {round_index} pairs")  # all identical or ties: refused before training
-        val = task.val_pairs() if pairs_only else None
+        val = task.val_pairs()  # held-out pairs; the binary and ranking modules score them too (prefopt.feedback)
         module = build_module(cfg, policy, round_index)
         resume_from = ckpt_path if round_index == progress.resume_round else None  # else: the round starts fresh
         if resume_from and progress.resume_finished and not Path(resume_from).is_dir():
@@ -302,7 +304,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             policy, train_metrics = module.policy, progress.resume_metrics
         else:
             trainer = build_trainer(cfg, output_dir, round_index, resuming=bool(resume_from))
-            trainer.callbacks.append(RecordRunSignature(signature, round_index))
+            trainer.callbacks.append(RecordRunSignature(signature, round_index, changes))
             plain = copy.deepcopy(module.policy) if is_fsdp(trainer) else None  # FSDP wraps the networks in place
             if baseline is None:
                 baseline = frozen_baseline(module, fsdp=plain is not None)
@@ -329,6 +331,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "eval": rounds[-1],
         "rounds": rounds,
     }
+    if changes:  # options changed on purpose when resuming (resume_allow)
+        summary["resume_changes"] = changes
     if rank_zero_only.rank == 0:  # under DDP every rank has the same result; one writes it
         # the weights first: summary.json marks a finished run, which a resume leaves as it is
         export_policy(policy, output_dir / "policy.safetensors")

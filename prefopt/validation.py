@@ -99,6 +99,22 @@ def _refuse(key: str, value: Any, allowed: str) -> None:
     raise PrefoptError(f"{key}={value!r} is not supported; allowed: {allowed}")
 
 
+def check_writable_folder(key: str, value: Any) -> None:
+    """A folder prefopt writes to (``paths.cache_dir``): created if needed, and a file can be made in it. A path
+    under a regular file, on a read-only file system, or not writable is refused (tried, not guessed from mode
+    bits, which do not hold for root)."""
+    import tempfile
+
+    path = Path(str(value)).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise PrefoptError(f"{key}={value}: cannot be written ({err.strerror or type(err).__name__}); allowed: a "
+                           "folder prefopt can create and write to") from None
+
+
 def check_seed(key: str, value: Any) -> None:
     if not _is_int(value) or not 0 <= value < SEED_LIMIT:
         _refuse(key, value, "an integer in [0, 2**32)")
@@ -212,6 +228,9 @@ def validate_options(cfg: DictConfig) -> None:
             value = trainer.get(name)
             if value is not None and not ok(value):
                 _refuse(f"trainer.{name}", value, allowed)
+    cache = OmegaConf.select(cfg, "paths.cache_dir", default=None)
+    if cache not in (None, ""):
+        check_writable_folder("paths.cache_dir", cache)
     leaves = [leaf for where in ("domain.task", "feedback") if isinstance(OmegaConf.select(cfg, where), DictConfig)
               for leaf in _walk(OmegaConf.select(cfg, where), where)]
     for key, name, value in leaves:

@@ -86,6 +86,17 @@ def test_binary_labels_judge_samples_against_their_start_state():
         binary_labels(ScriptedTeacher(), returns, start_size=3)
 
 
+def test_scores_and_rankings_of_samples_from_two_start_states():
+    # one group of 4: two branch pairs, from a high start (-10, -12) and a low one (-100, -90)
+    returns = torch.tensor([[-10.0, -12.0, -100.0, -90.0]])
+    assert rank(ScriptedTeacher(), returns).order.tolist() == [[0, 1, 3, 2]]  # the start states first
+    assert teacher_scores(ScriptedTeacher(), returns, start_size=2).tolist() == [[1.0, -1.0, -5.0, 5.0]]
+    ranking = rank(ScriptedTeacher("equal", equal_threshold=3.0), returns, start_size=2)
+    assert ranking.order.tolist() == [[3, 0, 1, 2]]  # advantages 5, 1, -1, -5
+    # ties on the advantages: |5 - 1| = 4, |5 + 1| = 6, |5 + 5| = 10, |1 + 1| = 2 (tie), |1 + 5| = 6, |-1 + 5| = 4
+    assert ranking.tie.tolist() == [[False, False, False, True, False, False]]
+
+
 def test_scores_are_discounted_returns_and_refuse_mistakes():
     r = torch.tensor([[[1.0, 2.0], [0.0, 4.0]]])  # one group, two items, two steps
     assert teacher_scores(ScriptedTeacher("myopic", gamma=0.5), r).tolist() == [[0.5 + 2.0, 4.0]]

@@ -37,7 +37,17 @@ def test_control_trains_on_each_kind(make_config, kind):
     pytest.importorskip("gymnasium")
     from tests.test_control_task import TINY
 
-    _check(train(make_config("domain=control", *TINY, *kind, "feedback.group_size=2")), kind[0].split("=")[1])
+    summary = train(make_config("domain=control", *TINY, *kind, "feedback.group_size=2"))
+    _check(summary, kind[0].split("=")[1])
+    # the 12 branch pairs' 24 segments: 24 labelled samples, 12 rankings of two, 12 best-vs-worst pairs
+    assert summary["eval"]["num_pairs"] == {"feedback=binary": 24, "feedback=ranking": 12,
+                                            "feedback=scores": 12}[kind[0]]
+    # held-out validation on the task's held-out pairs, as feedback=pairs reports it
+    names = ["val/loss", "val/rewards/accuracies"] + (["val/rewards/label_accuracies", "val/kl"]
+                                                       if kind[0] == "feedback=binary" else [])
+    for name in names:
+        assert summary["train"][name] == pytest.approx(summary["train"][name]), name  # logged and finite
+    assert 0.0 <= summary["train"]["val/rewards/accuracies"] <= 1.0
 
 
 def test_control_groups_of_two_are_the_pairs_segments(make_config):
@@ -69,6 +79,7 @@ def test_control_binary_labels_are_the_pair_teachers_answers(make_config):
     pytest.importorskip("gymnasium")
     from hydra.utils import instantiate
 
+    from prefopt.feedback.data import sample_conditions
     from prefopt.feedback.train import FeedbackConfig, feedback_from_groups
     from tests.test_control_task import TINY
 
@@ -82,7 +93,9 @@ def test_control_binary_labels_are_the_pair_teachers_answers(make_config):
     rejected = {tuple(x.flatten().tolist()) for x in pairs.rejected["obs"]}
     for threshold in ("median", "group_mean"):
         data = feedback_from_groups(groups, FeedbackConfig(kind="binary", group_size=2, threshold=threshold),
-                                    task.teacher)
+                                    task.teacher, sample_conditions(policy))
         assert len(data) == 2 * len(pairs)
-        for obs, label in zip(data.items["obs"], data.label.tolist()):
+        # the actions are judged given the observations: KTO's mismatched rows pair them with other actions
+        assert sorted(data.items) == ["actions"] and sorted(data.condition) == ["mask", "obs"]
+        for obs, label in zip(data.condition["obs"], data.label.tolist()):
             assert tuple(obs.flatten().tolist()) in (chosen if label == 1 else rejected), threshold

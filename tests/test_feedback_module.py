@@ -147,7 +147,7 @@ def test_kto_mismatched_kl_scores_the_rotated_rows():
     draw = module.policy.draw({"x": torch.cat([batch["x"]] * 2)}, torch.Generator().manual_seed(0))[8:]
     u = (module.policy.log_likelihood(module.policy.network, rolled, draw)
          - module.policy.log_likelihood(module.reference.network, rolled, draw))
-    assert float(kl) == pytest.approx(max(0.0, float(u.mean())), rel=1e-5)
+    assert float(kl) == pytest.approx(max(0.0, float(u.detach().mean())), rel=1e-5)
 
 
 def test_bad_options_are_one_line_errors():
@@ -182,7 +182,7 @@ def test_binary_trains(loss):
     data = binary_data()
     losses = _train(module, data)
     logps, ref, _ = module.sample_logps(data[torch.arange(len(data))], torch.Generator().manual_seed(1))
-    u = logps - ref
+    u = (logps - ref).detach()
     assert float(u[data.label == 1].mean()) > float(u[data.label == 0].mean())  # desirable samples gained
     assert sum(losses[-4:]) < sum(losses[:4])
 
@@ -228,3 +228,108 @@ def test_pairs_train_the_binary_and_ranking_modules():
     _train(module, pairs, epochs=1)
     pl = RankingFeedbackModule(make_policy(), loss={"loss_type": "plackett_luce", "beta": 0.5})
     _train(pl, pairs, epochs=1)
+
+
+def test_binary_metrics_by_hand():
+    from prefopt.feedback.module import binary_metrics
+
+    rewards = torch.tensor([0.5, -0.2, 0.1, 0.4])  # b * u; samples 0, 1 desirable; pairs (0, 2) and (1, 3)
+    desirable = torch.tensor([True, True, False, False])
+    m = binary_metrics(rewards, -rewards, desirable)  # APO-zero: signs measured from 0
+    assert float(m["rewards/label_accuracies"]) == pytest.approx(0.25)  # only 0.5 (desirable, > 0)
+    assert float(m["rewards/chosen"]) == pytest.approx(0.15) and float(m["rewards/rejected"]) == pytest.approx(0.25)
+    assert float(m["rewards/margins"]) == pytest.approx(-0.1) and float(m["logps/rejected"]) == pytest.approx(-0.25)
+    assert "rewards/accuracies" not in m
+    m = binary_metrics(rewards, -rewards, desirable, reference_point=0.15)  # KTO: b * z0 = 0.15
+    assert float(m["rewards/label_accuracies"]) == pytest.approx(0.5)  # margins 0.35, -0.35, -0.05, 0.25
+    m = binary_metrics(rewards, -rewards, desirable, 0.15, pair_weight=torch.ones(4))
+    assert float(m["rewards/accuracies"]) == pytest.approx(0.5)  # 0.5 > 0.1, -0.2 < 0.4
+    m = binary_metrics(rewards, -rewards, desirable, 0.15, pair_weight=torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    assert float(m["rewards/accuracies"]) == 1.0 and float(m["rewards/label_accuracies"]) == 1.0  # pair 1 tied
+
+
+def sequence_batch():
+    # right-padded prompt + completion rows: row 0 prompt [5, 6], completion [7]; row 1 prompt [8], completion [9, 10]
+    return {"sample_input_ids": torch.tensor([[5, 6, 7, 0], [8, 9, 10, 0]]),
+            "sample_attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]]),
+            "sample_completion_mask": torch.tensor([[0, 0, 1, 0], [0, 1, 1, 0]]),
+            "label": torch.tensor([1, 0])}
+
+
+def test_mismatched_sequences_are_a_prompt_with_the_previous_rows_completion():
+    rows = mismatched_samples(sequence_batch())  # TRL: (x_1, y_n), (x_2, y_1)
+    assert rows["input_ids"].tolist() == [[5, 6, 9, 10], [8, 7, 0, 0]]
+    assert rows["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert rows["completion_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 0, 0]]
+
+
+class TokenPolicy(PreferencePolicy):
+    """log p(completion | prompt) = sum of w[token] over the scored (completion) tokens: deterministic."""
+
+    def log_likelihood(self, network, samples, draw=None):
+        scored = (samples["completion_mask"] * samples["attention_mask"]).float()
+        return (network(samples["input_ids"]).squeeze(-1) * scored).sum(-1)
+
+
+def test_kto_mismatched_kl_for_sequences_by_hand():
+    torch.manual_seed(0)
+    module = BinaryFeedbackModule(TokenPolicy(nn.Embedding(11, 1)), loss={"loss_type": "kto", "beta": 0.5})
+    with torch.no_grad():
+        module.policy.network.weight.copy_(torch.arange(11.0)[:, None] * 0.1)
+        module.reference.network.weight.zero_()
+    logps, ref, kl = module.sample_logps(sequence_batch())
+    assert logps.tolist() == pytest.approx([0.7, 1.9]) and ref.tolist() == [0.0, 0.0]
+    # mismatched rows: completion [9, 10] after prompt [5, 6], completion [7] after prompt [8]: 1.9 and 0.7
+    assert float(kl) == pytest.approx((1.9 + 0.7) / 2)
+    with torch.no_grad():
+        module.policy.network.weight[7] = -3.0  # the mismatched rows 9 + 10 = 1.9 and -3: mean < 0, clamped
+    assert float(module.sample_logps(sequence_batch())[2]) == 0.0
+
+
+def test_no_condition_falls_back_to_the_batch_estimate_with_one_notice(caplog):
+    from prefopt.feedback import module as feedback_module
+
+    feedback_module._NOTICED.discard(feedback_module.NO_CONDITION)
+    g = torch.Generator().manual_seed(0)
+    data = TensorSamples({"x": torch.randn(8, 3, generator=g), "y": torch.randn(8, 2, generator=g)}, None,
+                         torch.arange(8) % 2)  # nothing but the samples: nothing to mismatch
+    module = BinaryFeedbackModule(make_policy(), loss={"loss_type": "kto", "beta": 0.5})
+    with torch.no_grad():
+        module.policy.network[2].bias.add_(0.3)
+    with caplog.at_level("WARNING", logger="prefopt.feedback.module"):
+        for _ in range(2):
+            logps, ref, kl = module.sample_logps(data[torch.arange(8)], torch.Generator().manual_seed(0))
+    assert float(kl) == pytest.approx(max(0.0, float((logps - ref).detach().mean())))  # the batch's own log-ratios
+    notices = [r.getMessage() for r in caplog.records if "loss.kl=mismatched" in r.getMessage()]
+    assert notices == [f"prefopt: notice: {feedback_module.NO_CONDITION}"]
+
+
+def test_ranking_metrics_by_hand():
+    from prefopt.feedback.module import ranking_metrics
+
+    # two rankings of 3, best first; pairs (0,1), (0,2), (1,2)
+    rewards = torch.tensor([[0.3, 0.1, 0.2], [-0.1, 0.4, -0.5]])
+    m = ranking_metrics(rewards, 2 * rewards)
+    # ordered: group 0: 0.3>0.1 yes, 0.3>0.2 yes, 0.1>0.2 no; group 1: -0.1>0.4 no, -0.1>-0.5 yes, 0.4>-0.5 yes
+    assert float(m["rewards/accuracies"]) == pytest.approx(4 / 6)
+    assert float(m["rewards/chosen"]) == pytest.approx(0.1) and float(m["rewards/rejected"]) == pytest.approx(-0.15)
+    assert float(m["rewards/margins"]) == pytest.approx(0.25) and float(m["logps/rejected"]) == pytest.approx(-0.3)
+    tie = torch.tensor([[False, False, True], [True, False, False]])  # the two wrong pairs are ties
+    assert float(ranking_metrics(rewards, rewards, tie)["rewards/accuracies"]) == 1.0
+
+
+def test_pairs_split_into_samples_keep_the_policys_conditions():
+    from prefopt.feedback.data import can_mismatch, pairs_as_samples
+
+    batch = {"chosen_obs": torch.tensor([[1.0], [2.0]]), "rejected_obs": torch.tensor([[1.5], [2.5]]),
+             "chosen_actions": torch.tensor([[0.1], [0.2]]), "rejected_actions": torch.tensor([[0.3], [0.4]]),
+             "tie": torch.tensor([False, True])}
+    plain = pairs_as_samples(batch)
+    assert sorted(plain) == ["label", "sample_actions", "sample_obs", "weight"] and not can_mismatch(plain)
+    split = pairs_as_samples(batch, ("obs",))
+    assert sorted(split) == ["label", "obs", "sample_actions", "weight"] and can_mismatch(split)
+    assert split["obs"].flatten().tolist() == [1.0, 2.0, 1.5, 2.5] and split["label"].tolist() == [1, 1, 0, 0]
+    assert split["weight"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    rows = mismatched_samples(split)  # each observation with the previous row's actions
+    assert rows["obs"].flatten().tolist() == [1.0, 2.0, 1.5, 2.5]
+    assert rows["actions"].flatten().tolist() == pytest.approx([0.4, 0.1, 0.2, 0.3])

@@ -191,9 +191,11 @@ def test_wrong_column_types_in_parquet_and_npz(tmp_path):
     ("binary", [{"sample_actions": [0.0, 1.0]}], "needs a 'label' column"),
     ("binary", [{"sample_actions": [0.0], "label": 2}], "row 0, column 'label' is not 0 or 1"),
     ("binary", [{"obs": [1.0], "label": 1}], "needs at least one sample_<key> column"),
-    ("ranking", [{"sample_actions": [[0.0], [1.0]]}, {"sample_actions": [[0.0]]}], r"row 1, column 'sample_actions' has shape \[1, 1\] but row 0 has \[2, 1\]"),
+    ("ranking", [{"sample_actions": [[0.0], [1.0]]}, {"sample_actions": [[0.0]]}],
+     r"row 1, column 'sample_actions' has shape \[1, 1\] but row 0 has \[2, 1\]"),
     ("ranking", [{"sample_actions": [[0.0]]}], "K=1 samples"),
-    ("scores", [{"sample_actions": [[0.0], [1.0]], "scores": [1.0]}], r"row 0, column 'scores' has shape \[1\]; allowed: a list of K = 2 finite numbers"),
+    ("scores", [{"sample_actions": [[0.0], [1.0]], "scores": [1.0]}],
+     r"row 0, column 'scores' has shape \[1\]; allowed: a list of K = 2 finite numbers"),
     ("scores", [{"sample_actions": [[0.0], [1.0]], "scores": [1.0, float("nan")]}], "NaN or inf"),
 ])
 def test_schema_errors_are_one_clear_line(tmp_path, kind, rows, match):
@@ -213,3 +215,19 @@ def test_unreadable_files(tmp_path):
     (tmp_path / "y.jsonl").write_text("{not json}\n")
     with pytest.raises(PrefoptError, match="line 1 is not a JSON object"):
         load_feedback("binary", tmp_path / "y.jsonl")
+
+
+def test_a_binary_file_keeps_the_policys_conditions(tmp_path):
+    from types import SimpleNamespace
+
+    from prefopt.feedback.train import round_feedback
+
+    rows = [{"sample_obs": [[0.0, 1.0]], "sample_actions": [[0.5]], "label": i % 2} for i in range(4)]
+    path = _write(tmp_path / "segments.jsonl", rows)
+    cfg = {"feedback": {"kind": "binary", "path": str(path)}}
+    data = round_feedback(cfg, SimpleNamespace(rounds=1), SimpleNamespace(sample_conditions=("obs", "mask")), 0)
+    # a control file writes sample_obs; the observations are what the actions are judged given
+    assert sorted(data.items) == ["actions"] and sorted(data.condition) == ["obs"]
+    assert data.label.tolist() == [0, 1, 0, 1]
+    plain = round_feedback(cfg, SimpleNamespace(rounds=1), SimpleNamespace(), 0)
+    assert sorted(plain.items) == ["actions", "obs"] and plain.condition == {}

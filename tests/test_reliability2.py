@@ -41,8 +41,8 @@ def one_thread():
 
 
 def snapshot(*folders: Path) -> dict[str, str]:
-    """Every file under ``folders`` (hidden ones too) -> the sha256 of its bytes. The empty lock file a run
-    leaves (``.prefopt-run.lock``, an OS lock's anchor, never deleted: that would race) is not counted."""
+    """Every file under ``folders`` (hidden ones too) -> the sha256 of its bytes. The empty lock file of a run
+    (``.prefopt-run.lock``, an OS lock's anchor; a SIGKILLed run leaves it) is not counted."""
     found = {}
     for folder in folders:
         for path in sorted(Path(folder).rglob("*")) if Path(folder).exists() else []:
@@ -119,6 +119,26 @@ def test_the_lock_is_reentrant_in_one_process_and_released(tmp_path):
     assert not (tmp_path / runlock.HOLDER_NAME).exists() and not runlock._held
 
 
+def test_the_lock_file_is_deleted_at_the_end_without_letting_two_runs_hold_the_folder(tmp_path):
+    fcntl = pytest.importorskip("fcntl")  # POSIX; elsewhere the lock file stays
+
+    lock_path = tmp_path / runlock.LOCK_NAME
+    runlock.acquire(tmp_path)
+    late = os.open(lock_path, os.O_RDWR)  # a second run that opened the lock file just before the holder let go
+    runlock.release(tmp_path)
+    assert not lock_path.exists()  # deleted (while still locked)
+    fcntl.flock(late, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the late run gets the lock, of the deleted file...
+    assert not runlock._names_file(lock_path, late)  # ...sees it (acquire retries then), so it holds nothing
+    runlock.acquire(tmp_path)  # a third run locks the file the path names now
+    try:
+        assert lock_path.exists() and not runlock._names_file(lock_path, late)
+        holder = runlock._held[tmp_path.resolve()][0]
+        assert runlock._names_file(lock_path, holder._fd)
+    finally:
+        os.close(late)
+        runlock.release(tmp_path)
+
+
 def _finished(folder: Path) -> Path:
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "config.yaml").write_text("seed: 7\n")
@@ -155,6 +175,7 @@ def test_overwrite_true_replaces_a_finished_run(tmp_path, capsys):
     assert (run / "policy.safetensors").read_bytes() != b"weights"
     assert (run / "notes.txt").read_text() == "mine"  # only the run's own results are replaced
     assert not runlock._held  # released at the end of the run
+    assert not (run / runlock.LOCK_NAME).exists() and not (run / runlock.HOLDER_NAME).exists()  # and its files gone
     code, _, err = cli(capsys, run, tmp_path / "cache", "overwrite=maybe")
     assert_one_error(code, err, ("overwrite='maybe'", "true, false"))
 
@@ -249,11 +270,16 @@ def test_resuming_another_models_checkpoint_is_refused_before_pairs_are_built(fi
         del checkpoint["prefopt_run"]
         torch.save(checkpoint, last)
     monkeypatch.setattr(BanditTask, "pairs", lambda *a: pytest.fail("pairs were built"))
-    results = snapshot(run / "checkpoints", run / "logs")
+    (run / ".hydra").mkdir(exist_ok=True)
+    (run / ".hydra" / "config.yaml").write_text("# the run's own record\n")
+    results = {k: v for k, v in snapshot(run).items() if not k.endswith("cli.log")}
     code, _, err = cli(capsys, run, tmp_path / "cache", "ckpt_path=last", "domain.task.hidden=[16]")
     line = assert_one_error(code, err, ("ckpt_path=", "network.hash", "network.numel"))
     assert "size mismatch" not in err and "state_dict" not in line
-    assert snapshot(run / "checkpoints", run / "logs") == results
+    # nothing changed, .hydra/ included: the network is checked before the resume's config is saved
+    assert {k: v for k, v in snapshot(run).items() if not k.endswith("cli.log")} == results
+    assert (run / ".hydra" / "config.yaml").read_text() == "# the run's own record\n"
+    assert not runlock._pending_records
     # the Python API refuses the same way
     with pytest.raises(PrefoptError, match="network.hash"):
         train(compose_config(tmp_path, *API, "ckpt_path=last", "domain.task.hidden=[16]"))
@@ -535,3 +561,27 @@ def test_data_files_that_do_not_match_their_format_are_refused(case, finished_ch
                                                                monkeypatch):
     test_bad_options_stop_before_anything_is_built(case, finished_checkpoint, tmp_path, capsys, monkeypatch)
     assert "pickle" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ a deliberate change on resume
+def test_resume_allow_loss_changes_the_loss_on_purpose_and_records_it(finished_checkpoint, tmp_path, capsys):
+    run = _copy_run(finished_checkpoint, tmp_path)
+    code, _, err = cli(capsys, run, tmp_path / "cache", "ckpt_path=last", "loss.beta=0.5")
+    assert_one_error(code, err, ("loss.beta: checkpoint 0.1, this run 0.5", "resume_allow=[loss]"))
+    code, _, err = cli(capsys, run, tmp_path / "cache", "ckpt_path=last", "loss.beta=0.5", "resume_allow=[loss]",
+                       "trainer.max_epochs=2")
+    assert code == 0, err[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["beta"] == 0.5
+    assert summary["resume_changes"] == [{"option": "loss.beta", "checkpoint": 0.1, "run": 0.5, "epoch": 1,
+                                          "global_step": 2}]
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["prefopt_run"]["loss"]["beta"] == 0.5 and saved["prefopt_resume_changes"] == summary["resume_changes"]
+    assert "ckpt_path=last" in (run / ".hydra" / "overrides.yaml").read_text()  # the resume's record, once checked
+    # the network is never an allowed change, and resume_allow names what it allows
+    (run / "summary.json").unlink()  # interrupted again (a finished run's resume is a no-op that builds nothing)
+    code, _, err = cli(capsys, run, tmp_path / "cache", "ckpt_path=last", "resume_allow=[loss]",
+                       "loss.beta=0.5", "domain.task.hidden=[16]")
+    assert_one_error(code, err, ("network.hash",))
+    code, _, err = cli(capsys, run, tmp_path / "cache", "ckpt_path=last", "resume_allow=[network]")
+    assert_one_error(code, err, ("resume_allow=['network']", "allowed: a list of loss"))

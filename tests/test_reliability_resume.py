@@ -23,6 +23,8 @@ import torch
 from prefopt import cli as cli_module
 from prefopt import runlock
 
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the killed runs are forks of the test process")
+
 EPOCHS, PER_EPOCH = 3, 4  # 64 pairs in batches of 16
 RUN = ["domain=bandit", "domain.task.num_pairs=64", "domain.task.num_eval=32", "domain.task.batch_size=16",
        f"trainer.max_epochs={EPOCHS}", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
@@ -32,7 +34,10 @@ EVALUATE = "prefopt.tasks.bandit:BanditTask.evaluate"
 PAIRS = "prefopt.tasks.bandit:BanditTask.pairs"
 ROUND_STEPS = EPOCHS * PER_EPOCH
 
-#: (id, rounds, the function killed, before or after its call, which call)
+#: (id, rounds, the function killed, before or after its call, which call); the ids in NOOP_AGAIN also check that
+#: resuming the finished run once more changes nothing (test_reliability2 checks it on its own)
+NOOP_AGAIN = ("during the final evaluation", "after summary.json, before summary.txt",
+              "round 1, during the final evaluation")
 KILL_POINTS = [
     ("training, epoch 2 of 3", 1, STEP, "before", 2 * PER_EPOCH + 2),
     ("after the last epoch, before the evaluation", 1, FIT, "after", 1),
@@ -141,15 +146,20 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.parametrize("point", KILL_POINTS, ids=[p[0] for p in KILL_POINTS])
 def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_results(point, uninterrupted, tmp_path, capsys):
-    _, rounds, target, when, nth = point
+    name, rounds, target, when, nth = point
     cache, expected = uninterrupted
     run = tmp_path / "run"
     run_killed(_argv(run, cache, rounds), target, when, nth)
     assert (run / "checkpoints" / "last.ckpt").is_file()
+    finished = (run / "summary.json").is_file()  # the kill came after it: the resume changes nothing
     assert _main(_argv(run, cache, rounds, "ckpt_path=last")) == 0, capsys.readouterr().err[-3000:]
-    assert results(run) == expected[rounds[0] if isinstance(rounds, tuple) else rounds]
+    assert results(run) == expected[rounds]
     assert not list(run.rglob("*.before-resume")), "a metrics.csv backup was left behind"
     assert (run / "summary.txt").is_file()
-    before = tree(run)
-    assert _main(_argv(run, cache, rounds, "ckpt_path=last")) == 0  # resuming a finished run: a no-op
-    assert tree(run) == before
+    # the record of the resume once it was checked (a no-op resume leaves the run's own)
+    assert ("ckpt_path=last" in (run / ".hydra" / "overrides.yaml").read_text()) is not finished
+    assert "output_subdir: .hydra" in (run / ".hydra" / "hydra.yaml").read_text()
+    if name in NOOP_AGAIN:
+        before = tree(run)
+        assert _main(_argv(run, cache, rounds, "ckpt_path=last")) == 0  # resuming a finished run: a no-op
+        assert tree(run) == before

@@ -144,6 +144,7 @@ class ControlPolicy(PreferencePolicy):
 
     lora_targets = ("body.0", "body.2")
     fsdp_unit = False  # the network returns a Distribution, whose tensors FSDP's backward hooks cannot see
+    sample_conditions = ("obs", "mask")  # what a segment's actions are judged given (KTO's mismatched rows)
 
     def __init__(self, network: nn.Module, gamma: float = 1.0, alpha: float = 1.0):
         super().__init__(network)

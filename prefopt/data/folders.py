@@ -22,7 +22,7 @@ def load_dataset_folder(path: str | Path, split: str | None = None):
         loaded = datasets.load_from_disk(str(path))
     except Exception as err:  # a missing, foreign or damaged folder raises several types
         raise PrefoptError(f"{path}: cannot be read as a datasets folder written by save_to_disk "
-                           f"({type(err).__name__}: {err})") from None
+                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no details'})") from None
     if isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded)
         if split is None and len(splits) == 1:

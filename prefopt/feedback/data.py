@@ -41,19 +41,82 @@ def concatenate_samples(batch: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def sample_conditions(policy) -> tuple[str, ...]:
+    """The sample keys a policy scores a sample *given* (``policy.sample_conditions``; a control segment's
+    ``obs`` and ``mask``: its actions are the sample): binary rows keep them as their condition."""
+    return tuple(getattr(policy, "sample_conditions", ()))
+
+
 def has_condition(batch: Mapping[str, Any]) -> bool:
     """Whether a binary batch has condition tensors apart from its samples (so mismatching changes anything)."""
     return any(torch.is_tensor(v) and not k.startswith(SAMPLE) and k not in BOOKKEEPING and k != "seed"
                for k, v in batch.items())
 
 
+SEQUENCE_KEYS = ("input_ids", "completion_mask")
+
+
+def is_sequence_batch(batch: Mapping[str, Any]) -> bool:
+    """Whether the samples are token sequences that hold their prompt and completion in one row (the sequence
+    adapter's layout: ``input_ids``, ``completion_mask``, optional ``attention_mask``, right-padded)."""
+    return all(SAMPLE + k in batch for k in SEQUENCE_KEYS)
+
+
+def can_mismatch(batch: Mapping[str, Any]) -> bool:
+    """Whether :func:`mismatched_samples` can pair a sample with another row's condition."""
+    return has_condition(batch) or is_sequence_batch(batch)
+
+
+def _splice_sequences(samples: dict[str, Any]) -> dict[str, Any]:
+    """Row ``i``: the prompt of row ``i`` followed by the completion of row ``i - 1``, right-padded."""
+    ids, completion = samples["input_ids"], samples["completion_mask"].bool()
+    attention = samples.get("attention_mask")
+    real = torch.ones_like(completion) if attention is None else attention.bool()
+    prompt, answer = real & ~completion, real & completion
+    previous = torch.roll(torch.arange(ids.shape[0], device=ids.device), shifts=1)
+    rows = [(ids[i][prompt[i]], ids[j][answer[j]]) for i, j in zip(range(ids.shape[0]), previous.tolist())]
+    width = max(1, max(len(p) + len(c) for p, c in rows))
+    pad = ids[~real][0] if bool((~real).any()) else torch.zeros((), dtype=ids.dtype)  # masked: any id does
+    out_ids = torch.full((ids.shape[0], width), int(pad), dtype=ids.dtype, device=ids.device)
+    out_attention = torch.zeros_like(out_ids, dtype=real.dtype if attention is None else attention.dtype)
+    out_completion = torch.zeros_like(out_ids, dtype=samples["completion_mask"].dtype)
+    for i, (p, c) in enumerate(rows):
+        out_ids[i, :len(p) + len(c)] = torch.cat([p, c])
+        out_attention[i, :len(p) + len(c)] = 1
+        out_completion[i, len(p):len(p) + len(c)] = 1
+    out = dict(samples, input_ids=out_ids, completion_mask=out_completion)
+    if attention is not None:
+        out["attention_mask"] = out_attention
+    return out
+
+
 def mismatched_samples(batch: Mapping[str, Any]) -> dict[str, Any]:
     """Row ``i`` gets the condition of row ``i`` and the sample of row ``i - 1`` (row 0 the last sample).
 
-    TRL's KL batch: ``(x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1})``.
+    TRL's KL batch: ``(x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1})``. The condition is the batch's condition
+    tensors, or, for token sequences (:func:`is_sequence_batch`), each row's prompt: row ``i`` becomes its
+    own prompt followed by row ``i - 1``'s completion, as TRL concatenates them.
     """
+    if not has_condition(batch) and is_sequence_batch(batch):
+        return _splice_sequences(concatenate_samples(batch))
     rolled = {k: torch.roll(v, shifts=1, dims=0) if k.startswith(SAMPLE) else v for k, v in batch.items()}
     return concatenate_samples(rolled)
+
+
+def stack_rows(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
+    """Two sample batches as one (``first`` then ``second``); token sequences are right-padded to one width."""
+    out: dict[str, Any] = {}
+    for key, a in first.items():
+        b = second[key]
+        if not torch.is_tensor(a):
+            out[key] = a
+            continue
+        if a.dim() == 2 and key in ("input_ids", "attention_mask", "completion_mask") and a.shape[1] != b.shape[1]:
+            width = max(a.shape[1], b.shape[1])
+            # padding: attention and completion 0; the ids there are never attended or scored
+            a, b = (torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in (a, b))
+        out[key] = torch.cat([a, b])
+    return out
 
 
 def concatenate_ranked(batch: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
@@ -79,15 +142,16 @@ def is_pair_batch(batch: Mapping[str, Any]) -> bool:
     return any(k.startswith(CHOSEN) for k in batch)
 
 
-def pairs_as_samples(batch: Mapping[str, Any]) -> dict[str, Any]:
+def pairs_as_samples(batch: Mapping[str, Any], conditions: tuple[str, ...] = ()) -> dict[str, Any]:
     """A pair batch of ``B`` pairs as a binary batch of ``2B`` samples: the chosen samples desirable, the rejected
-    ones undesirable (TRL's ``unpair_preference_dataset``); a tied pair's samples get ``weight`` 0."""
+    ones undesirable (TRL's ``unpair_preference_dataset``); a tied pair's samples get ``weight`` 0. The sample
+    keys in ``conditions`` (:func:`sample_conditions`) become the rows' condition."""
     out: dict[str, Any] = {}
     size = None
     for key, value in batch.items():
         if key.startswith(CHOSEN):
             name = key[len(CHOSEN):]
-            out[SAMPLE + name] = torch.cat([value, batch[REJECTED + name]])
+            out[name if name in conditions else SAMPLE + name] = torch.cat([value, batch[REJECTED + name]])
             size = value.shape[0]
         elif key.startswith(REJECTED) or key == "tie":
             continue
@@ -95,7 +159,7 @@ def pairs_as_samples(batch: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = torch.cat([value, value])
         else:
             out[key] = value
-    device = out[next(k for k in out if k.startswith(SAMPLE))].device
+    device = next(v for k, v in out.items() if k.startswith(SAMPLE) or k in conditions).device
     out["label"] = torch.cat([torch.ones(size, dtype=torch.int64, device=device),
                               torch.zeros(size, dtype=torch.int64, device=device)])
     tie = batch.get("tie")

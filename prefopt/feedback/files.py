@@ -164,12 +164,18 @@ def _group_size(path, items: dict[str, torch.Tensor]) -> int:
     return k
 
 
-def load_binary(path, split: str | None = None) -> TensorSamples:
+def _read(path, split, kind: str, own: str, required: str | None = None):
+    """The file's columns, its ``sample_<key>`` items and its other columns (without the kind's ``own``);
+    ``required`` describes ``own`` when the kind needs it."""
     columns = read_columns(path, split)
-    if "label" not in columns:
-        raise PrefoptError(f"{path}: feedback=binary needs a 'label' column (1 desirable, 0 undesirable); "
+    if required is not None and own not in columns:
+        raise PrefoptError(f"{path}: feedback={kind} needs a {own!r} column ({required}); "
                            f"found columns {sorted(columns)}")
-    items, condition = _split(path, columns, ("label",), "binary")
+    return (columns, *_split(path, columns, (own,), kind))
+
+
+def load_binary(path, split: str | None = None) -> TensorSamples:
+    columns, items, condition = _read(path, split, "binary", "label", "1 desirable, 0 undesirable")
     allowed = "0, 1, true or false (1 = desirable), one per row"
     label = _tensor(path, "label", columns["label"], allowed)
     _per_row(path, "label", label, (), allowed)
@@ -179,8 +185,7 @@ def load_binary(path, split: str | None = None) -> TensorSamples:
 
 
 def load_ranking(path, split: str | None = None) -> TensorRankings:
-    columns = read_columns(path, split)
-    items, shared = _split(path, columns, ("tie",), "ranking")
+    columns, items, shared = _read(path, split, "ranking", "tie")
     k = _group_size(path, items)
     tie = None
     if "tie" in columns:
@@ -196,11 +201,7 @@ def load_ranking(path, split: str | None = None) -> TensorRankings:
 
 
 def load_scores(path, split: str | None = None) -> Groups:
-    columns = read_columns(path, split)
-    if "scores" not in columns:
-        raise PrefoptError(f"{path}: feedback=scores needs a 'scores' column (K numbers per row); "
-                           f"found columns {sorted(columns)}")
-    items, shared = _split(path, columns, ("scores",), "scores")
+    columns, items, shared = _read(path, split, "scores", "scores", "K numbers per row")
     k = _group_size(path, items)
     allowed = f"a list of K = {k} finite numbers per row, one per sample"
     scores = _tensor(path, "scores", columns["scores"], allowed)

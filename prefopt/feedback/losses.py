@@ -54,6 +54,8 @@ from prefopt.losses import preference_loss
 UNPAIRED_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired")
 LISTWISE_LOSS_TYPES: tuple[str, ...] = ("plackett_luce",)
 TIE_MODES = ("drop", "half")
+#: how KTO's reference point is estimated (see :class:`prefopt.feedback.module.BinaryFeedbackModule`)
+KL_ESTIMATES: tuple[str, ...] = ("mismatched", "batch")
 
 
 class UnpairedLossOutput(NamedTuple):

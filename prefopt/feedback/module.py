@@ -16,6 +16,7 @@ batch draws one per row (``group=1``), or, when it also scores TRL's mismatched 
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any, Mapping
 
 import torch
@@ -23,15 +24,18 @@ import torch
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.feedback.data import (
     concatenate_ranked,
+    can_mismatch,
     concatenate_samples,
-    has_condition,
     is_pair_batch,
     mismatched_samples,
     pairs_as_ranking,
     pairs_as_samples,
+    sample_conditions,
     split_ranked,
+    stack_rows,
 )
 from prefopt.feedback.losses import (
+    KL_ESTIMATES,
     LISTWISE_LOSS_TYPES,
     UNPAIRED_LOSS_TYPES,
     kto_kl,
@@ -44,7 +48,19 @@ from prefopt.module import PreferenceModule
 from prefopt.policy import PreferencePolicy, split_pairs
 from prefopt.reference import PrecomputedReference
 
-KL_ESTIMATES = ("mismatched", "batch")
+log = logging.getLogger(__name__)
+
+NO_CONDITION = ("loss.kl=mismatched: a batch marks no condition apart from its samples (no context, class, "
+                "observation or prompt to pair another sample with, e.g. an unconditional model), so KTO's "
+                "reference point there is the batch's own mean log-ratio, as with loss.kl=batch")
+_NOTICED: set[str] = set()
+
+
+def once(message: str) -> None:
+    """Log ``message`` as a ``prefopt: notice:`` line, once per process."""
+    if message not in _NOTICED:
+        _NOTICED.add(message)
+        log.warning("prefopt: notice: %s", message)
 
 
 def draws_groups(policy: PreferencePolicy) -> bool:
@@ -106,9 +122,12 @@ class BinaryFeedbackModule(_FeedbackModule):
 
     * ``mismatched`` (default, TRL's choice): the mean log-ratio of the batch's conditions paired with the
       previous row's sample (one extra forward of the policy and the reference, both without gradient).
-      When a batch has no condition apart from its samples (unconditional samples, or control segments that
-      carry their own observations), mismatching changes nothing: the mismatched set *is* the batch's
-      samples, so their log-ratios are reused and no extra forward runs.
+      The condition is the batch's condition tensors (a context, a class label; a control segment's
+      observations, :attr:`ControlPolicy.sample_conditions`) or, for token sequences, each row's prompt: row
+      ``i`` is scored as its prompt followed by row ``i - 1``'s completion, as TRL does
+      (:func:`~prefopt.feedback.data.mismatched_samples`). A batch with nothing but its samples (an
+      unconditional model) has nothing to mismatch: its own log-ratios are used, as with ``batch``, and a
+      notice says so once.
     * ``batch``: the mean log-ratio of the batch's own (matched) samples, detached: no extra forward.
     """
 
@@ -135,10 +154,11 @@ class BinaryFeedbackModule(_FeedbackModule):
         """Policy and reference log-likelihoods ``[B]`` of the samples, and the KL reference point (or None)."""
         loss_type = self.loss_kwargs["loss_type"]
         samples = concatenate_samples(batch)
-        extra = loss_type == "kto" and self.kl_estimate == "mismatched" and has_condition(batch)
-        if extra:  # one forward: the B samples, then their B mismatched rows; row i and i + B share a draw
-            both = {k: torch.cat([v, w]) if torch.is_tensor(v) else v
-                    for (k, v), w in zip(samples.items(), mismatched_samples(batch).values())}
+        mismatched = loss_type == "kto" and self.kl_estimate == "mismatched"
+        if mismatched and not can_mismatch(batch):
+            once(NO_CONDITION)
+        if mismatched and can_mismatch(batch):  # one forward: the B samples, then their B mismatched rows
+            both = stack_rows(samples, mismatched_samples(batch))  # row i and i + B share a draw
             draw = draw_groups(self.policy, both, generator, 2)
             logps = self.policy.log_likelihood(self.policy.network, both, draw)
             ref = self.reference.logps(self.policy, both, draw)
@@ -158,7 +178,7 @@ class BinaryFeedbackModule(_FeedbackModule):
     def _shared_step(self, batch, stage: str, index: int):
         from_pairs = is_pair_batch(batch)
         if from_pairs:
-            batch = pairs_as_samples(batch)
+            batch = pairs_as_samples(batch, sample_conditions(self.policy))
         logps, ref, kl = self.sample_logps(batch, self._generator(stage, index))
         kl = self._reduce_kl(kl)
         if kl is not None and kl.dim():
@@ -179,21 +199,44 @@ class BinaryFeedbackModule(_FeedbackModule):
         if on_step and not self._logger_writes_now():
             self.log("train_loss", loss.detach(), prog_bar=True, batch_size=batch_size, logger=False)
             return
-        chosen, rejected = _masked_mean(rewards, desirable), _masked_mean(rewards, ~desirable)
-        metrics = {"loss": loss.detach(), "rewards/chosen": chosen, "rewards/rejected": rejected,
-                   "rewards/margins": chosen - rejected,
-                   "logps/chosen": _masked_mean(logps.detach(), desirable),
-                   "logps/rejected": _masked_mean(logps.detach(), ~desirable)}
+        point = None if kl is None else self.loss_kwargs["beta"] * kl
+        metrics = {"loss": loss.detach(), **binary_metrics(rewards, logps, desirable, point, pair_weight)}
         if kl is not None:
             metrics["kl"] = kl
-        if pair_weight is not None:  # samples split from pairs: chosen i and rejected i + B are one pair
-            chosen_r, rejected_r = split_pairs(rewards)
-            metrics["rewards/accuracies"] = _masked_mean((chosen_r > rejected_r).to(rewards.dtype),
-                                                         split_pairs(pair_weight)[0] > 0)
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, on_step=on_step, on_epoch=not on_step,
                       batch_size=batch_size, sync_dist=not on_step)
         self.log(f"{stage}_loss", loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step,
                  batch_size=batch_size, logger=False, sync_dist=not on_step)
+
+
+def binary_metrics(rewards: torch.Tensor, logps: torch.Tensor, desirable: torch.Tensor,
+                   reference_point: torch.Tensor | float | None = None,
+                   pair_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Metrics of a batch of labelled samples (TRL's names where TRL has one).
+
+    ``rewards`` are the implicit rewards ``b u``; ``desirable`` the labels. ``rewards/chosen`` and
+    ``logps/chosen`` average the desirable samples, ``.../rejected`` the undesirable ones (TRL's KTO metrics).
+    ``rewards/label_accuracies``: the share of samples whose reward, measured from the loss's reference point
+    (``b z0`` for KTO, 0 for APO-zero), has the label's sign: ``> 0`` for a desirable sample, ``< 0`` for an
+    undesirable one (TRL has no accuracy for unpaired feedback; like its DPO accuracy, a tie is wrong).
+    With ``pair_weight`` (samples split from pairs: chosen ``i``, rejected ``i + B``; 0 for a tied pair's
+    samples, which no accuracy counts) also ``rewards/accuracies``, TRL's DPO metric: the share of kept pairs
+    whose chosen reward is the larger.
+    """
+    rewards = rewards.detach()
+    chosen, rejected = _masked_mean(rewards, desirable), _masked_mean(rewards, ~desirable)
+    margin = rewards if reference_point is None else rewards - reference_point
+    right = torch.where(desirable, margin > 0, margin < 0).to(rewards.dtype)
+    kept = torch.ones_like(desirable) if pair_weight is None else pair_weight > 0  # a tied pair's samples: weight 0
+    metrics = {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+               "rewards/label_accuracies": _masked_mean(right, kept),
+               "logps/chosen": _masked_mean(logps.detach(), desirable),
+               "logps/rejected": _masked_mean(logps.detach(), ~desirable)}
+    if pair_weight is not None:
+        chosen_r, rejected_r = split_pairs(rewards)
+        metrics["rewards/accuracies"] = _masked_mean((chosen_r > rejected_r).to(rewards.dtype),
+                                                     split_pairs(pair_weight)[0] > 0)
+    return metrics
 
 
 class RankingFeedbackModule(_FeedbackModule):
@@ -253,15 +296,26 @@ class RankingFeedbackModule(_FeedbackModule):
         if on_step and not self._logger_writes_now():
             self.log("train_loss", loss.detach(), prog_bar=True, batch_size=batch_size, logger=False)
             return
-        a, b = pair_indices(rewards.shape[1], rewards.device)
-        ordered = rewards[:, a] > rewards[:, b]
-        keep = torch.ones_like(ordered) if tie is None else ~tie.to(torch.bool)
-        chosen, rejected = rewards[:, 0].mean(), rewards[:, -1].mean()
-        metrics = {"loss": loss.detach(), "rewards/chosen": chosen, "rewards/rejected": rejected,
-                   "rewards/margins": chosen - rejected,
-                   "rewards/accuracies": _masked_mean(ordered.to(rewards.dtype), keep),
-                   "logps/chosen": logps[:, 0].detach().mean(), "logps/rejected": logps[:, -1].detach().mean()}
+        metrics = {"loss": loss.detach(), **ranking_metrics(rewards, logps, tie)}
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, on_step=on_step, on_epoch=not on_step,
                       batch_size=batch_size, sync_dist=not on_step)
         self.log(f"{stage}_loss", loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step,
                  batch_size=batch_size, logger=False, sync_dist=not on_step)
+
+
+def ranking_metrics(rewards: torch.Tensor, logps: torch.Tensor, tie: torch.Tensor | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Metrics of a batch of rankings ``[G, K]``, best first (TRL's DPO names).
+
+    ``rewards/chosen`` and ``logps/chosen`` average the top samples, ``.../rejected`` the bottom ones;
+    ``rewards/accuracies``: the share of the rankings' untied pairs ``(a, b)``, ``a`` ranked above ``b``, whose
+    implicit rewards are in that order (for ``K = 2``, TRL's DPO accuracy).
+    """
+    rewards = rewards.detach()
+    a, b = pair_indices(rewards.shape[1], rewards.device)
+    ordered = rewards[:, a] > rewards[:, b]
+    keep = torch.ones_like(ordered) if tie is None else ~tie.to(torch.bool)
+    chosen, rejected = rewards[:, 0].mean(), rewards[:, -1].mean()
+    return {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+            "rewards/accuracies": _masked_mean(ordered.to(rewards.dtype), keep),
+            "logps/chosen": logps[:, 0].detach().mean(), "logps/rejected": logps[:, -1].detach().mean()}

@@ -32,6 +32,9 @@ These extend :class:`prefopt.data.teachers.ScriptedTeacher` (B-Pref's knobs) fro
   teacher judges what the sample did: ``D`` is replaced by its *advantage*, ``D`` minus the mean ``D`` of its
   start state's items, before any threshold (a number, the median, the group mean) applies. For two
   branches the labels are then the pair teacher's answer: the better branch desirable, the other not.
+  Scores and rankings are made from the same advantages (and ``R``'s, for ties): within a start state the
+  order is the returns' order; across start states (a group of ``K = 4`` control segments holds two branch
+  pairs) the samples are compared by how much better they did than the other branch from their start.
 """
 
 from __future__ import annotations
@@ -87,11 +90,33 @@ def _returns(teacher: ScriptedTeacher, rewards, mask=None) -> tuple[torch.Tensor
     return teacher.returns(flat_r, flat_m), teacher.returns(flat_r, flat_m, discounted=True), lead
 
 
+def _item_returns(teacher: ScriptedTeacher, rewards, mask, dims: tuple[str, ...], what: str):
+    """(R, D, leading shape) of items whose rewards are one scalar each (shape ``dims``) or per step (``dims``
+    plus ``H``, with ``mask``; without one, every step is real)."""
+    rewards = torch.as_tensor(rewards)
+    if mask is None and rewards.dim() == len(dims) + 1:
+        mask = torch.ones_like(rewards, dtype=torch.bool)
+    ret, disc, lead = _returns(teacher, rewards, mask)
+    if len(lead) != len(dims):
+        shape = ", ".join(dims)
+        raise PrefoptError(f"{what}: rewards of shape {tuple(rewards.shape)}; allowed: [{shape}] or [{shape}, H]")
+    return ret, disc, lead
+
+
 def _runs(values: torch.Tensor, size: int, what: str) -> torch.Tensor:
     """``values`` ``[N]`` as ``[N / size, size]`` runs of consecutive items."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1 or values.numel() % size:
         raise PrefoptError(f"binary_labels: {values.numel()} items do not split into {what} of {size!r}")
     return values.reshape(-1, size)
+
+
+def advantages(values: torch.Tensor, start_size: int | None) -> torch.Tensor:
+    """``values`` ``[N]`` minus the mean of their run of ``start_size`` consecutive items (one start state);
+    unchanged for ``None``. Within a run the order is kept; across runs, the values become comparable."""
+    if start_size is None:
+        return values
+    runs = _runs(values, start_size, "start states")
+    return (runs - runs.mean(1, keepdim=True)).reshape(-1)
 
 
 def binary_labels(teacher: ScriptedTeacher, rewards, mask=None, threshold: float | str = "median",
@@ -102,15 +127,8 @@ def binary_labels(teacher: ScriptedTeacher, rewards, mask=None, threshold: float
     items per group (for ``threshold="group_mean"``); ``start_size``: runs of this many consecutive items
     share a start state, and each item is judged by its advantage over them (see the module docstring).
     """
-    rewards = torch.as_tensor(rewards)
-    if mask is None and rewards.dim() == 2:
-        mask = torch.ones_like(rewards, dtype=torch.bool)
-    ret, disc, lead = _returns(teacher, rewards, mask)
-    if len(lead) != 1:
-        raise PrefoptError(f"binary_labels: rewards of shape {tuple(rewards.shape)}; allowed: [N] or [N, H]")
-    if start_size is not None:  # judge what a sample did from its start state, not where it started
-        runs = _runs(disc, start_size, "start states")
-        disc = (runs - runs.mean(1, keepdim=True)).reshape(-1)
+    ret, disc, _ = _item_returns(teacher, rewards, mask, ("N",), "binary_labels")
+    disc = advantages(disc, start_size)  # judge what a sample did from its start state, not where it started
     if isinstance(threshold, str):
         if threshold not in THRESHOLDS:
             raise PrefoptError(f"feedback.threshold={threshold!r} is not supported; allowed: a number, median or "
@@ -139,18 +157,15 @@ def binary_labels(teacher: ScriptedTeacher, rewards, mask=None, threshold: float
     return BinaryLabels(label, keep)
 
 
-def teacher_scores(teacher: ScriptedTeacher, rewards, mask=None, generator=None) -> torch.Tensor:
-    """Scores ``[G, K]`` from rewards ``[G, K]`` (one scalar per item) or ``[G, K, H]`` per-step (with ``mask``)."""
+def teacher_scores(teacher: ScriptedTeacher, rewards, mask=None, generator=None,
+                   start_size: int | None = None) -> torch.Tensor:
+    """Scores ``[G, K]`` from rewards ``[G, K]`` (one scalar per item) or ``[G, K, H]`` per-step (with ``mask``);
+    with ``start_size``, the advantages over each start state's items (see the module docstring)."""
     if teacher.eps > 0:
         raise PrefoptError(f"ScriptedTeacher eps={teacher.eps}: a teacher that makes mistakes gives no scores; "
                            "use eps=0 (kind oracle, stochastic, myopic, skip or equal) for feedback=scores")
-    rewards = torch.as_tensor(rewards)
-    if mask is None and rewards.dim() == 3:
-        mask = torch.ones_like(rewards, dtype=torch.bool)
-    _, disc, lead = _returns(teacher, rewards, mask)
-    if len(lead) != 2:
-        raise PrefoptError(f"teacher scores: rewards of shape {tuple(rewards.shape)}; allowed: [G, K] or [G, K, H]")
-    scores = disc.reshape(lead)
+    _, disc, lead = _item_returns(teacher, rewards, mask, ("G", "K"), "teacher scores")
+    scores = advantages(disc, start_size).reshape(lead)
     if not teacher.rational:
         gen = _generator(teacher, generator)
         uniform = torch.rand(lead, generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
@@ -164,11 +179,11 @@ def sort_scores(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices
 
 
-def rank(teacher: ScriptedTeacher, rewards, mask=None, generator=None) -> Ranking:
-    """A ranking of each group's ``K`` items (see the module docstring)."""
+def rank(teacher: ScriptedTeacher, rewards, mask=None, generator=None, start_size: int | None = None) -> Ranking:
+    """A ranking of each group's ``K`` items (see the module docstring); with ``start_size``, by advantage."""
     eps, teacher.eps = teacher.eps, 0.0  # scores without mistakes; the swaps below are the mistakes
     try:
-        scores = teacher_scores(teacher, rewards, mask, generator)
+        scores = teacher_scores(teacher, rewards, mask, generator, start_size)
     finally:
         teacher.eps = eps
     groups, k = scores.shape
@@ -180,11 +195,8 @@ def rank(teacher: ScriptedTeacher, rewards, mask=None, generator=None) -> Rankin
         rows = swap.nonzero().flatten()
         first, second = order[rows, where[rows]].clone(), order[rows, where[rows] + 1].clone()
         order[rows, where[rows]], order[rows, where[rows] + 1] = second, first
-    rewards_t = torch.as_tensor(rewards)
-    per_step = rewards_t.dim() == 3
-    ret, _, _ = _returns(teacher, rewards_t, mask if mask is not None or not per_step
-                         else torch.ones_like(rewards_t, dtype=torch.bool))
-    ret = ret.reshape(groups, k).gather(1, order)
+    ret, _, _ = _item_returns(teacher, rewards, mask, ("G", "K"), "rank")
+    ret = advantages(ret, start_size).reshape(groups, k).gather(1, order)
     a, b = pair_indices(k)
     tie = torch.zeros(groups, a.numel(), dtype=torch.bool)
     if teacher.equal_threshold is not None:

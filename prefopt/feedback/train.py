@@ -29,9 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.data.teachers import ScriptedTeacher
 from prefopt.errors import PrefoptError, check_choice
 from prefopt.feedback.convert import PAIR_RULES, score_pairs, score_ranking
-from prefopt.feedback.data import Groups, TensorRankings, TensorSamples
+from prefopt.feedback.data import Groups, TensorRankings, TensorSamples, sample_conditions
 from prefopt.feedback.files import load_feedback
-from prefopt.feedback.losses import LISTWISE_LOSS_TYPES, UNPAIRED_LOSS_TYPES, ranking_loss, unpaired_loss
+from prefopt.feedback.losses import (KL_ESTIMATES, LISTWISE_LOSS_TYPES, UNPAIRED_LOSS_TYPES, ranking_loss,
+                                     unpaired_loss)
 from prefopt.feedback.teach import binary_labels, rank, teacher_scores
 
 FEEDBACK_KINDS = ("pairs", "binary", "ranking", "scores")
@@ -142,7 +143,7 @@ def check_loss(cfg, loss: Mapping[str, Any]) -> bool:
             check_choice(f"loss_type (feedback={fc.kind})", loss_type, UNPAIRED_LOSS_TYPES)
             options = {k: loss.pop(k) for k in ("desirable_weight", "undesirable_weight") if k in loss}
             kl = loss.pop("kl", "mismatched")
-            check_choice("loss.kl", kl, ("mismatched", "batch"))
+            check_choice("loss.kl", kl, KL_ESTIMATES)
             if loss.pop("label_smoothing", 0.0) != 0.0 or loss:
                 raise PrefoptError(f"loss options {sorted(loss) or ['label_smoothing']} are not used by "
                                    f"loss_type {loss_type!r}; allowed: beta, desirable_weight, undesirable_weight, kl")
@@ -206,20 +207,25 @@ def _groups(cfg, task, policy, round_index: int, fc: FeedbackConfig) -> Groups:
                   None if start is None else int(start))
 
 
-def feedback_from_groups(groups: Groups, fc: FeedbackConfig, teacher: ScriptedTeacher):
-    """The round's dataset of the configured kind from a task's groups and its teacher."""
+def feedback_from_groups(groups: Groups, fc: FeedbackConfig, teacher: ScriptedTeacher,
+                         conditions: tuple[str, ...] = ()):
+    """The round's dataset of the configured kind from a task's groups and its teacher.
+
+    ``conditions``: item keys that are what a sample is judged *given* (a control segment's observations),
+    kept as the binary rows' condition, so KTO's mismatched rows pair them with another row's sample."""
     if fc.kind == "binary":
         rewards, mask = groups.flat_rewards()
         labels = binary_labels(teacher, rewards, mask, threshold=fc.threshold, group_size=groups.shape[1],
                                start_size=groups.start_size)
         keep = labels.keep.nonzero().flatten()
-        items = {k: v[keep] for k, v in groups.flat_items().items()}
+        items = {k: v[keep] for k, v in groups.flat_items().items() if k not in conditions}
         condition = {k: v[keep] for k, v in groups.flat_shared().items()}
+        condition.update({k: v[keep] for k, v in groups.flat_items().items() if k in conditions})
         return TensorSamples(items, condition, labels.label[keep])
     if fc.kind == "ranking":
-        ranking = rank(teacher, groups.rewards, groups.mask)
+        ranking = rank(teacher, groups.rewards, groups.mask, start_size=groups.start_size)
         return groups.ranked(ranking.order, ranking.keep, ranking.tie)
-    scores = teacher_scores(teacher, groups.rewards, groups.mask)
+    scores = teacher_scores(teacher, groups.rewards, groups.mask, start_size=groups.start_size)
     return scores_dataset(Groups(groups.items, groups.shared, scores), fc)
 
 
@@ -240,9 +246,13 @@ def round_feedback(cfg, task, policy, round_index: int):
             raise PrefoptError(f"feedback.path={fc.path!r} holds one round of feedback; this task has "
                                f"rounds={task.rounds} (set the domain's rounds to 1)")
         loaded = load_feedback(fc.kind, fc.path, fc.split)
+        if isinstance(loaded, TensorSamples):  # sample_obs of a control file: the condition of its actions
+            conditions = [k for k in sample_conditions(policy) if k in loaded.items]
+            return TensorSamples({k: v for k, v in loaded.items.items() if k not in conditions},
+                                 {**loaded.condition, **{k: loaded.items[k] for k in conditions}}, loaded.label)
         return scores_dataset(loaded, fc) if fc.kind == "scores" else loaded
     groups = _groups(cfg, task, policy, round_index, fc)
-    data = feedback_from_groups(groups, fc, _teacher(task))
+    data = feedback_from_groups(groups, fc, _teacher(task), sample_conditions(policy))
     if len(data) == 0:
         raise PrefoptError(f"feedback={fc.kind}: the teacher kept no samples this round (check its skip/equal "
                            "thresholds)")

@@ -100,6 +100,11 @@ class Task(ABC):
         that only has labelled pairs reports ``implicit_reward_accuracy`` instead
         (:func:`prefopt.metrics.implicit_reward_accuracy`)."""
 
+    def resumed_round(self, round_index: int, result: dict[str, Any]) -> None:
+        """A round evaluated before the run was killed: a resumed run reuses its ``result`` (what ``evaluate``
+        returned) instead of calling ``evaluate`` again. A task that keeps a per-round history (for a plot) adds
+        it here; the default does nothing."""
+
     def dataloader(self, dataset: Dataset, train: bool = True) -> DataLoader:
         sampler = EpochShuffleSampler(len(dataset), self.seed) if train else None
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=False,

@@ -375,6 +375,10 @@ class ControlTask(Task):
         return episode_returns(self.envs, policy, seeds, self.eval_deterministic, self.eval_seed, desc)
 
 
+    def resumed_round(self, round_index: int, result: dict[str, Any]) -> None:
+        self._history.append({"round": round_index, "mean": result["policy"]["return_mean"],
+                              "se": result["policy"]["return_se"]})  # returns.png keeps the rounds before a kill
+
     def evaluate(self, reference: ControlPolicy, policy: ControlPolicy, output_dir: Path,
                  round_index: int) -> dict[str, Any]:
         # eval mode while evaluating only: Lightning keeps a module's mode, and the next round trains it

@@ -74,6 +74,9 @@ def _image_value(value: Any, where: str) -> Any:
         value = value.get("bytes") or value.get("path")
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise PrefoptError(f"{where}: the image is missing")
+    if not isinstance(value, (bytes, bytearray, str, Path)) and not hasattr(value, "convert"):  # a PIL image
+        raise PrefoptError(f"{where}: is {type(value).__name__}; allowed: encoded image bytes, an image file path or "
+                           "a {'bytes': ...} image struct")
     return value
 
 
@@ -141,10 +144,15 @@ def _find_csv(path: Path) -> Path:
 def load_folder(path: Path) -> PreferenceRecords:
     table = _find_csv(path)
     root = table.parent
-    with open(table, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        rows = list(reader)
+    try:
+        with open(table, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            rows = list(reader)
+    except UnicodeDecodeError:
+        raise PrefoptError(f"{table}: is not UTF-8 text; the pairs table must be a UTF-8 CSV file") from None
+    except OSError as err:
+        raise PrefoptError(f"{table}: cannot be read ({err.strerror or type(err).__name__})") from None
     if {"chosen", "rejected"} <= set(columns):
         mode = "chosen"
     elif {"image_0", "image_1", "label_0"} <= set(columns):
@@ -226,18 +234,27 @@ def load_preference_images(path: str | Path, format: str = "auto", split: str = 
 # ------------------------------------------------------------------------------------- images
 def open_image(source: Any, where: str):
     """A ``PIL.Image`` in RGB from bytes, a path or an image."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    name = f" ({source})" if isinstance(source, (str, Path)) else ""
     try:
-        if isinstance(source, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(source))
-        elif isinstance(source, (str, Path)):
-            image = Image.open(source)
-        else:
-            image = source
-        image.load()
+        with warnings.catch_warnings():  # over MAX_IMAGE_PIXELS PIL warns, over twice that it refuses: both refused
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(source, (bytes, bytearray)):
+                image = Image.open(io.BytesIO(source))
+            elif isinstance(source, (str, Path)):
+                image = Image.open(source)
+            else:
+                image = source
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise PrefoptError(f"{where}{name}: the image is too large to decode safely ({str(err).splitlines()[0]}); "
+                           f"images over PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} pixels are refused "
+                           "(a decompression bomb?); resize it, or raise that limit in Python") from None
     except (UnidentifiedImageError, OSError) as err:
-        raise PrefoptError(f"{where}: not a readable image ({err})") from None
+        raise PrefoptError(f"{where}{name}: not a readable image ({err})") from None
     return image.convert("RGB")
 
 

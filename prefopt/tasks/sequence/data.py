@@ -42,30 +42,51 @@ from prefopt.tasks.sequence.task import sequence_dataloader
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
+def _context_length(config, network) -> int | None:
+    """The most positions the model takes (``n_positions``, ``max_position_embeddings``...), or None if unknown."""
+    for owner in (config, network):
+        for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_len", "max_seq_len"):
+            value = getattr(owner, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
 def _read_rows(path: Path, split: str) -> list[dict[str, Any]]:
     if path.is_dir():
         return load_dataset_folder(path, split).to_list()
     if not path.is_file():
         raise PrefoptError(f"pairs file {str(path)!r} does not exist")
     if path.suffix in (".jsonl", ".json"):
-        rows = []
-        with open(path) as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise PrefoptError(f"{path}:{number}: not a JSON object ({err.msg}); a pairs file has one "
-                                       "JSON object per line") from None
-                if not isinstance(row, dict):
-                    raise PrefoptError(f"{path}:{number}: found {type(row).__name__}; allowed: a JSON object")
-                rows.append(row)
+        rows, number = [], 0
+        try:
+            with open(path, encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise PrefoptError(f"{path}:{number}: not a JSON object ({err.msg}); a pairs file has one "
+                                           "JSON object per line") from None
+                    if not isinstance(row, dict):
+                        raise PrefoptError(f"{path}:{number}: found {type(row).__name__}; allowed: a JSON object")
+                    rows.append(row)
+        except UnicodeDecodeError:
+            raise PrefoptError(f"{path}: is not UTF-8 text (near line {number + 1}); JSON lines must be UTF-8") \
+                from None
+        except OSError as err:
+            raise PrefoptError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
         return rows
     if path.suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        return pq.read_table(str(path)).to_pylist()
+        try:
+            return pq.read_table(str(path)).to_pylist()
+        except (OSError, pyarrow.ArrowException) as err:
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise PrefoptError(f"{path}: not a readable parquet file ({detail})") from None
     raise PrefoptError(f"pairs file {str(path)!r}: suffix {path.suffix!r} is not supported; allowed: .jsonl, .json, "
                        ".parquet, or a datasets folder (save_to_disk)")
 
@@ -212,6 +233,7 @@ class SequencePairsTask(Task):
             pad_id = pad_id[0] if pad_id else None
         self.pad_id = int(pad_id) if pad_id is not None else 0
         self.vocab_size = getattr(config, "vocab_size", None) or getattr(network, "vocab_size", None)
+        self.context = _context_length(config, network)
         self._load()
         return SequencePolicy(network, pad_id=self.pad_id, lora_targets=self.lora_targets)
 
@@ -219,8 +241,11 @@ class SequencePairsTask(Task):
         if self._train is not None:
             return
         rows = read_pairs(self.pairs_path, self.split, self.vocab_size)
+        self._check_context(rows, self.pairs_path, "pairs_path")
         if self.val_path:
-            self._train, self._val = rows, read_pairs(self.val_path, self.val_split, self.vocab_size)
+            val = read_pairs(self.val_path, self.val_split, self.vocab_size)
+            self._check_context(val, self.val_path, "val_path")
+            self._train, self._val = rows, val
             return
         n_val = int(math.floor(self.val_fraction * len(rows)))
         if n_val == 0:
@@ -229,6 +254,26 @@ class SequencePairsTask(Task):
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed)).tolist()
         self._val = [rows[i] for i in order[:n_val]]
         self._train = [rows[i] for i in sorted(order[n_val:])]
+
+    def _check_context(self, rows, path, option: str) -> None:
+        """Sequences longer than the model's context are refused before training, naming the longest and the limit
+        (an index error in the middle of training otherwise). ``max_length`` is the explicit way to cut them (as
+        TRL's ``max_length``: a sequence's end is cut); what it cuts is checked after the cut. A model that does not
+        say its context (``n_positions``, ``max_position_embeddings``...) is not checked."""
+        limit = getattr(self, "context", None)
+        if limit is None:
+            return
+        cut = int(self.max_length) if self.max_length is not None else None
+        lengths = [max(len(r["prompt_ids"]), 1) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
+        lengths = [min(n, cut) if cut is not None else n for n in lengths]
+        longest = max(lengths, default=0)
+        if longest > limit:
+            row = lengths.index(longest) + 1
+            after = f" after max_length={cut}" if cut is not None else ""
+            raise PrefoptError(f"domain.task.{option}={path}: row {row} is {longest} tokens long{after} (prompt + "
+                               f"completion), longer than the model's context of {limit} positions "
+                               f"({sum(n > limit for n in lengths)} of {len(lengths)} rows are); shorten the data, or "
+                               f"set domain.task.max_length={limit} to cut each sequence's end")
 
     def _dataset(self, rows, source) -> TensorPairs:
         return pairs_from_rows(rows, self.pad_id, self.bos_id, self.max_length, source)
