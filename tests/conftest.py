@@ -31,3 +31,15 @@ def make_config(tmp_path):
     def make(*overrides: str, subdir: str = ""):
         return compose_config(tmp_path / subdir if subdir else tmp_path, *overrides)
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run much faster on one thread, above all on a busy machine; restored after the module.
+    A test module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

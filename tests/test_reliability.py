@@ -52,13 +52,7 @@ SMALL = ["domain.task.num_pairs=64", "domain.task.num_eval=32", "domain.task.bat
          "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run much faster on one thread, above all on a busy machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

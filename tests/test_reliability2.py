@@ -32,12 +32,7 @@ SMALL = ["domain=bandit", "domain.task.num_pairs=64", "domain.task.num_eval=32",
          "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.enable_progress_bar=false"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 def snapshot(*folders: Path) -> dict[str, str]:

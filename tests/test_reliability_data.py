@@ -27,12 +27,7 @@ VOCAB, CONTEXT = 40, 32
 GOOD = {"prompt_ids": [3, 4], "chosen_ids": [7, 7], "rejected_ids": [5]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from prefopt import cli as cli_module
 from prefopt import runlock
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the killed runs are forks of the test process")
+pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="the killed runs are forks of the test process")]
 
 EPOCHS, PER_EPOCH = 3, 4  # 64 pairs in batches of 16
 RUN = ["domain=bandit", "domain.task.num_pairs=64", "domain.task.num_eval=32", "domain.task.batch_size=16",
@@ -53,12 +52,7 @@ KILL_POINTS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark.append(pytest.mark.usefixtures("one_torch_thread"))  # tiny models: one thread (tests/conftest.py)
 
 
 def _argv(run: Path, cache: Path, rounds: int, *extra: str) -> list[str]:
